@@ -1,0 +1,215 @@
+"""`flux2-lora` command line (jsonargparse). The recipe dataclasses are the `train` arguments.
+
+    flux2-lora train --preset tiny                       # the embedded default: tiny FLUX.2 + sample data
+    flux2-lora train --preset character --dataset D --output O [--model.dtype bf16 ...]
+    flux2-lora train --config my.yaml --resume latest
+    flux2-lora model make-tiny --out DIR [--family dev|klein]
+    flux2-lora data make-sample --out DIR
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe, RecipeError, validate
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# Short forms users know from other trainers -> dotted recipe fields.
+SHORT_FORMS = {
+    "--dataset": "--data.dataset",
+    "--output": "--output.dir",
+    "--model": "--model.name_or_path",
+    "--steps": "--training.max_steps",
+    "--lr": "--training.lr",
+    "--batch-size": "--training.batch_size",
+    "--rank": "--lora.rank",
+    "--dtype": "--model.dtype",
+    "--trigger": "--data.trigger",
+}
+FLAG_FORMS = {"--force-cpu-loading": ["--model.force_cpu_loading", "true"]}
+
+USAGE = """usage: flux2-lora COMMAND [ARGS]
+
+commands:
+  train              train a FLUX.2 LoRA from a recipe (--preset NAME | --config FILE, dotted overrides)
+  model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
+  data make-sample   write the built-in sample dataset (coloured shapes with captions)
+
+`flux2-lora COMMAND --help` shows each command's arguments.
+"""
+
+
+class CliError(Exception):
+    """A command-line mistake: printed as one line, exit code 2."""
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("FLUX2_LORA_RECIPES", RECIPES_DIR))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _expand_argv(argv: list[str]) -> list[str]:
+    """Map short forms and move --preset to the front (as --config) so later flags override it."""
+    out: list[str] = []
+    front: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, val = arg.partition("=")
+        if key == "--preset":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise CliError("--preset: needs a name (" + ", ".join(presets()) + ")")
+                val = argv[i + 1]
+                i += 1
+            path = recipes_dir() / f"{val}.yaml"
+            if not path.exists():
+                raise CliError(f"--preset: unknown preset {val!r} (available: {', '.join(presets())})")
+            front += ["--config", str(path)]
+        elif key in SHORT_FORMS:
+            out.append(SHORT_FORMS[key] + (eq + val if eq else ""))
+        elif key in FLAG_FORMS:
+            out += FLAG_FORMS[key]
+        else:
+            out.append(arg)
+        i += 1
+    return front + out
+
+
+def train_parser() -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(
+        prog="flux2-lora train",
+        description="Train a FLUX.2 LoRA. Presets: " + ", ".join(presets()) + ". Every field: recipes/base.yaml.",
+        exit_on_error=False,
+        default_env=False,
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="Recipe YAML file (or --preset NAME).")
+    p.add_class_arguments(Recipe, as_group=False)
+    p.add_argument("--resume", type=str | None, default=None, help="`latest` or a checkpoints/step-N folder.")
+    return p
+
+
+def _condense(err: BaseException) -> str:
+    """One line from a jsonargparse error: the field and the reason."""
+    text = str(err)
+    m = re.search(r'[Kk]ey "([^"]+)"', text)
+    field = m.group(1) if m else None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = lines[0] if lines else type(err).__name__
+    if field:
+        detail = next((ln for ln in lines[1:] if "Expected" in ln or "not" in ln.lower()), None)
+        if detail:
+            reason = detail.lstrip("- ")
+        else:
+            reason = re.sub(r'.*[Kk]ey "[^"]+"\s*:?\s*', "", reason) or reason
+        m2 = re.search(r'[Gg]iven value:?\s*(.*)$', text.splitlines()[-1] if text.splitlines() else "")
+        return f"{field}: {reason}" + (f" (got {m2.group(1).strip()})" if m2 and m2.group(1).strip() else "")
+    return reason
+
+
+def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:
+    parser = train_parser()
+    try:
+        ns = parser.parse_args(_expand_argv(argv))
+    except SystemExit:
+        raise
+    except Exception as e:  # jsonargparse.ArgumentError and the errors it wraps
+        raise CliError(_condense(e)) from None
+    resume = ns.pop("resume", None)
+    ns.pop("config", None)
+    ns.pop("__path__", None)
+    recipe = parser.instantiate_classes(ns)
+    recipe = Recipe(**{k: recipe[k] for k in ("model", "lora", "data", "training", "validation", "output", "logging", "callbacks")})
+    validate(recipe)
+    return recipe, resume
+
+
+def cmd_train(argv: list[str]) -> int:
+    recipe, resume = parse_train(argv)
+    from .train import train
+
+    train(recipe, resume=resume)
+    return 0
+
+
+def cmd_model(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    if not argv or argv[0] != "make-tiny":
+        raise CliError("model: expected `model make-tiny --out DIR [--family dev|klein]`")
+    p = ArgumentParser(prog="flux2-lora model make-tiny", exit_on_error=False, description="Write a tiny random FLUX.2 pipeline.")
+    p.add_argument("--out", type=str, required=True, help="Folder to write (diffusers save_pretrained layout).")
+    p.add_argument("--family", type=str, default="dev", choices=["dev", "klein"], help="FLUX.2 family.")
+    p.add_argument("--seed", type=int, default=0, help="Weight seed.")
+    try:
+        a = p.parse_args(argv[1:])
+    except SystemExit:
+        raise
+    except Exception as e:
+        raise CliError(_condense(e)) from None
+    from .model import make_tiny_pipeline
+
+    print(make_tiny_pipeline(a.out, family=a.family, seed=a.seed))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    if not argv or argv[0] != "make-sample":
+        raise CliError("data: expected `data make-sample --out DIR`")
+    p = ArgumentParser(prog="flux2-lora data make-sample", exit_on_error=False, description="Write the sample dataset.")
+    p.add_argument("--out", type=str, required=True, help="Folder to write.")
+    p.add_argument("--count", type=int, default=12, help="Number of images.")
+    try:
+        a = p.parse_args(argv[1:])
+    except SystemExit:
+        raise
+    except Exception as e:
+        raise CliError(_condense(e)) from None
+    from .data.sample import make_sample_dataset
+
+    print(make_sample_dataset(a.out, count=a.count))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"flux2-lora: error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from .checkpoint import CheckpointError
+    from .data.folder import DataError
+    from .model import ModelError
+
+    try:
+        return COMMANDS[cmd](rest)
+    except (CliError, RecipeError, DataError, ModelError, CheckpointError) as e:
+        print(f"flux2-lora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flux2-lora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

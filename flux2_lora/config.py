@@ -1,0 +1,288 @@
+"""The recipe: a dataclass tree that jsonargparse fills from `recipes/*.yaml` and the command line.
+
+Every field is documented in `recipes/base.yaml`. `validate()` checks the values that types alone
+cannot (ranges, files that must exist) and raises `RecipeError` naming the dotted field, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# Hidden-state layers of the text encoder that FLUX.2 stacks into the prompt embedding, per family.
+# diffusers: Flux2Pipeline uses (10, 20, 30) for Mistral-3; Flux2KleinPipeline (9, 18, 27) for Qwen3.
+FAMILY_TEXT_LAYERS: dict[str, tuple[int, ...]] = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+LoraTargets = Literal["attention", "attention+single", "all-linear"]
+
+
+class RecipeError(ValueError):
+    """A recipe value is wrong. The message is one line that starts with the dotted field name."""
+
+
+@dataclass
+class ModelArgs:
+    """Which FLUX.2 model to train and how to hold it."""
+
+    name_or_path: str = "black-forest-labs/FLUX.2-dev"
+    """Local diffusers folder, hub id, or `builtin:tiny-dev` / `builtin:tiny-klein` (built locally)."""
+    family: Literal["auto", "dev", "klein"] = "auto"
+    """Model family; `auto` reads it from model_index.json."""
+    dtype: Dtype = "bf16"
+    """Dtype of the frozen transformer weights."""
+    text_encoder_layers: list[int] | None = None
+    """Hidden-state layers stacked into prompt embeddings; None takes the family default."""
+    max_sequence_length: int = 512
+    """Prompt tokens (chat template included) given to the text encoder."""
+    gradient_checkpointing: bool = True
+    """Recompute block activations in backward to save memory."""
+    force_cpu_loading: bool = False
+    """Load every component on the CPU first, then move only what a stage needs to the device."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when name_or_path is a hub id."""
+
+
+@dataclass
+class LoraArgs:
+    """The LoRA adapter (PEFT)."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float | None = None
+    """LoRA alpha; None means alpha = rank (scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: LoraTargets = "attention"
+    """`attention`: to_q/k/v/out.0 (double blocks); `attention+single`: adds to_qkv_mlp_proj and
+    single-block attn.to_out (the upstream default); `all-linear`: every linear layer in the blocks."""
+    init: Literal["gaussian", "default"] = "gaussian"
+    """PEFT init of lora_A (lora_B is always zero, so step 0 equals the base model)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA) through PEFT."""
+
+
+@dataclass
+class DataArgs:
+    """The training images and captions."""
+
+    dataset: str | None = None
+    """Folder of images with same-named .txt captions, or `builtin:sample`."""
+    trigger: str | None = None
+    """Trigger word prepended to every caption (e.g. `sks`)."""
+    instance_prompt: str | None = None
+    """Caption for images that have no .txt file; without it such images are an error."""
+    caption_dropout: float = 0.0
+    """Probability of training a sample on the empty prompt."""
+    repeats: int = 1
+    """How many times each image appears per epoch."""
+    resolution: int = 1024
+    """Target side length; buckets keep the area near resolution^2."""
+    buckets: bool = True
+    """Aspect-ratio buckets (sides multiples of 16); off: center-crop every image to a square."""
+    random_flip: bool = False
+    """Also cache a horizontally flipped copy of each image and pick one per sample, seeded."""
+    holdout: int = 1
+    """Images held out from training for the fixed-seed validation loss (0: use training images)."""
+
+
+@dataclass
+class TrainingArgs:
+    """Optimisation."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Images per process per micro-batch."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit` needs bitsandbytes (pip install 'flux2-lora[bitsandbytes]')."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this norm (0 disables clipping)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    seed: int = 42
+    """Seeds weights init, data order, noise and sigmas."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast; `auto` follows model.dtype on a GPU and is `no` on the CPU."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    """How sigma is drawn per sample."""
+    logit_mean: float = 0.0
+    """Mean for logit_normal sampling."""
+    logit_std: float = 1.0
+    """Std for logit_normal sampling."""
+    mode_scale: float = 1.29
+    """Scale for mode sampling."""
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Per-sample loss weight as a function of sigma."""
+    guidance_scale: float = 3.5
+    """Constant distilled-guidance value fed to FLUX.2-dev (ignored by models without guidance)."""
+
+
+@dataclass
+class ValidationArgs:
+    """Fixed-seed validation loss and sample images."""
+
+    every_n_steps: int = 250
+    """Validate (loss and samples) every N optimizer steps; 0 only at start and end."""
+    sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Sigmas at which each held-out item is scored (same noise every time)."""
+    seed: int = 1234
+    """Seed of the validation noise."""
+    prompts: list[str] = field(default_factory=list)
+    """Sample prompts rendered with the current LoRA."""
+    sample_steps: int = 28
+    """Denoising steps per sample."""
+    sample_guidance: float = 4.0
+    """Guidance scale for samples."""
+    sample_resolution: int | None = None
+    """Sample size in pixels; None takes data.resolution."""
+
+
+@dataclass
+class OutputArgs:
+    """Where results go."""
+
+    dir: str = "runs/flux2-lora"
+    """Output folder: recipe, metrics, samples, logs, checkpoints, lora.safetensors."""
+    checkpoint_every: int = 250
+    """Resumable checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted."""
+
+
+@dataclass
+class LoggingArgs:
+    """Metrics sinks."""
+
+    log_every: int = 10
+    """Log loss/lr every N optimizer steps (the only host sync in the step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under OUTPUT/logs."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'flux2-lora[wandb]')."""
+    wandb_project: str = "flux2-lora"
+    """W&B project."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """`offline` writes runs locally for `wandb sync`."""
+
+
+@dataclass
+class CallbackArgs:
+    """Stop and guard conditions."""
+
+    early_stopping_patience: int = 0
+    """Stop after this many validations without improvement of the validation loss (0: off)."""
+    early_stopping_min_delta: float = 0.0
+    """Improvement smaller than this does not count."""
+    max_wall_time_minutes: float = 0.0
+    """Checkpoint and stop after this much wall time (0: off)."""
+    nan_max_consecutive: int = 5
+    """Skip steps with a NaN/inf loss; stop after this many in a row."""
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
+    output: OutputArgs = field(default_factory=OutputArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    callbacks: CallbackArgs = field(default_factory=CallbackArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(f"{field_name}: {message}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Check values types cannot express. Raises RecipeError('<field>: <reason>')."""
+    m, lo, d, t, v, o, lg, c = (
+        recipe.model,
+        recipe.lora,
+        recipe.data,
+        recipe.training,
+        recipe.validation,
+        recipe.output,
+        recipe.logging,
+        recipe.callbacks,
+    )
+    _require(bool(m.name_or_path), "model.name_or_path", "must name a model folder, hub id or builtin:tiny-dev")
+    _require(m.max_sequence_length > 0, "model.max_sequence_length", f"must be > 0, got {m.max_sequence_length}")
+    if m.text_encoder_layers is not None:
+        _require(len(m.text_encoder_layers) > 0, "model.text_encoder_layers", "must list at least one layer")
+    _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _require(d.dataset is not None, "data.dataset", "is required (a folder of images + .txt captions)")
+    assert d.dataset is not None
+    if not d.dataset.startswith("builtin:"):
+        path = Path(d.dataset).expanduser()
+        _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
+        _require(path.is_dir(), "data.dataset", f"{d.dataset} is not a folder")
+    else:
+        _require(d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)")
+    _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
+    _require(d.repeats >= 1, "data.repeats", f"must be >= 1, got {d.repeats}")
+    _require(d.resolution >= 16 and d.resolution % 16 == 0, "data.resolution", f"must be a multiple of 16, got {d.resolution}")
+    _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
+    _require(t.max_steps >= 1, "training.max_steps", f"must be >= 1, got {t.max_steps}")
+    _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
+    _require(t.gradient_accumulation >= 1, "training.gradient_accumulation", f"must be >= 1, got {t.gradient_accumulation}")
+    _require(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+    _require(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.logit_std > 0, "training.logit_std", f"must be > 0, got {t.logit_std}")
+    _require(len(v.sigmas) > 0 and all(0.0 < s < 1.0 for s in v.sigmas), "validation.sigmas", "must be values in (0, 1)")
+    _require(v.every_n_steps >= 0, "validation.every_n_steps", f"must be >= 0, got {v.every_n_steps}")
+    _require(v.sample_steps >= 1, "validation.sample_steps", f"must be >= 1, got {v.sample_steps}")
+    if v.sample_resolution is not None:
+        _require(v.sample_resolution % 16 == 0, "validation.sample_resolution", "must be a multiple of 16")
+    _require(bool(o.dir), "output.dir", "must not be empty")
+    _require(o.checkpoint_every >= 0, "output.checkpoint_every", f"must be >= 0, got {o.checkpoint_every}")
+    _require(o.keep_last >= 1, "output.keep_last", f"must be >= 1, got {o.keep_last}")
+    _require(lg.log_every >= 1, "logging.log_every", f"must be >= 1, got {lg.log_every}")
+    _require(c.early_stopping_patience >= 0, "callbacks.early_stopping_patience", "must be >= 0")
+    _require(c.max_wall_time_minutes >= 0, "callbacks.max_wall_time_minutes", "must be >= 0")
+    _require(c.nan_max_consecutive >= 1, "callbacks.nan_max_consecutive", "must be >= 1")
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RecipeError(
+                "training.optimizer: adamw8bit needs bitsandbytes; pip install 'flux2-lora[bitsandbytes]' or use adamw"
+            ) from None
+    if lg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise RecipeError("logging.wandb: needs wandb; pip install 'flux2-lora[wandb]'") from None
+
+
+def cache_root() -> Path:
+    """Where built-in models and the sample dataset are built (FLUX2_LORA_HOME or ~/.cache/flux2-lora)."""
+    return Path(os.environ.get("FLUX2_LORA_HOME", Path.home() / ".cache" / "flux2-lora")).expanduser()

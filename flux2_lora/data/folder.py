@@ -1,0 +1,84 @@
+"""Dataset folders: images with same-named .txt captions, scanned recursively in a stable order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+# Transparent pixels are composited onto this background before training.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+def read_caption(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read caption ({e.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: caption is not UTF-8 text") from None
+    return " ".join(text.split())
+
+
+def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[Item]:
+    """Image/caption pairs under root, sorted by relative path.
+
+    An image without a caption takes instance_prompt; without one that is an error naming the file.
+    Symlinks are not followed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    items: list[Item] = []
+    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        if path.is_symlink() or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        caption_file = path.with_suffix(".txt")
+        if caption_file.exists():
+            caption = read_caption(caption_file)
+            if not caption:
+                if instance_prompt is None:
+                    raise DataError(f"{caption_file}: caption is empty (write one or set data.instance_prompt)")
+                caption = instance_prompt
+        elif instance_prompt is not None:
+            caption = instance_prompt
+        else:
+            raise DataError(f"{path}: no caption file {caption_file.name} (add one or set data.instance_prompt)")
+        items.append(Item(path, caption))
+    if not items:
+        raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return items
+
+
+def load_image(path: Path) -> Image.Image:
+    """RGB image with EXIF orientation applied; alpha composited onto ALPHA_BACKGROUND; first frame only."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+                bg.paste(im, mask=im.getchannel("A"))
+                return bg
+            if im.mode == "I;16" or im.mode == "I":
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None

@@ -1,0 +1,171 @@
+"""The FLUX.2 flow-matching objective, piece by piece.
+
+Prompts and latents are encoded exactly as diffusers' Flux2Pipeline / Flux2KleinPipeline encode them
+(tests compare each function with the pipeline's own on the same inputs):
+
+  prompt  -> chat template -> text encoder -> hidden states of the family's layers, stacked (B, L, 3*D)
+  image   -> VAE latent_dist.mode() -> 2x2 patchify -> batch-norm normalise -> pack (B, H*W, C)
+  ids     -> text (0, 0, 0, l), image (0, h, w, 0)
+  noise   -> x_t = (1 - sigma) * x0 + sigma * eps,  target = eps - x0,  transformer timestep = sigma
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_prompts(
+    family: str,
+    text_encoder: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    layers: tuple[int, ...],
+    max_sequence_length: int,
+) -> torch.Tensor:
+    """Prompt embeddings (B, L, len(layers) * hidden) as the family's pipeline computes them."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    n_layers = _text_encoder_layers(text_encoder)
+    if max(layers) > n_layers:
+        raise ValueError(
+            f"model.text_encoder_layers: layer {max(layers)} requested but the text encoder has {n_layers} layers"
+        )
+    with torch.no_grad():
+        if family == "klein":
+            return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                prompt=prompts,
+                max_sequence_length=max_sequence_length,
+                hidden_states_layers=list(layers),
+            )
+        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            prompt=prompts,
+            max_sequence_length=max_sequence_length,
+            hidden_states_layers=list(layers),
+        )
+
+
+def _text_encoder_layers(text_encoder: Any) -> int:
+    cfg = text_encoder.config
+    cfg = getattr(cfg, "text_config", cfg)
+    return int(cfg.num_hidden_layers)
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), 2x2 patches in FLUX.2's channel order."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def normalize_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Patchified latents normalised by the VAE's batch-norm running statistics."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    return (latents - mean) / std
+
+
+def encode_images(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1], (B, 3, H, W) -> normalised patchified latents (B, 4C, H/16, W/16)."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return normalize_latents(vae, patchify(latents))
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def latent_ids(batch: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """4-D position ids (T, H, W, L) = (0, h, w, 0) for an (H, W) latent grid, shape (B, H*W, 4)."""
+    t, l = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    ids = torch.cartesian_prod(t, torch.arange(height), torch.arange(width), l)
+    return ids.unsqueeze(0).expand(batch, -1, -1).to(device)
+
+
+def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """4-D position ids (0, 0, 0, l) for L text tokens, shape (B, L, 4)."""
+    z = torch.zeros(1, dtype=torch.long)
+    ids = torch.cartesian_prod(z, z, z, torch.arange(length))
+    return ids.unsqueeze(0).expand(batch, -1, -1).to(device)
+
+
+def sample_sigmas(
+    batch: int,
+    scheme: str,
+    generator: torch.Generator,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Sigma in (0, 1) per sample from diffusers' SD3 densities (uniform, logit_normal, mode)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if scheme not in ("uniform", "logit_normal", "mode"):
+        raise ValueError(f"training.timestep_sampling: unknown scheme {scheme!r}")
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=scheme,
+        batch_size=batch,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        generator=generator,
+    )
+    # Keep away from the exact ends, where x_t is pure data or pure noise.
+    return u.clamp(1e-4, 1.0 - 1e-4)
+
+
+def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample loss weights (diffusers' SD3 weightings: none, sigma_sqrt, cosmap)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).float()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma * noise (sigma broadcast per sample)."""
+    s = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
+
+
+def flow_loss(
+    transformer: Any,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: torch.Tensor | None,
+    weighting: str = "none",
+    reduce: bool = True,
+) -> torch.Tensor:
+    """The training loss for one batch.
+
+    latents: (B, C, H, W) normalised patchified latents, all of one size; noise like latents;
+    sigmas: (B,). Returns the mean weighted MSE between the prediction and noise - latents
+    (or per-sample losses when reduce=False).
+    """
+    noisy = add_noise(latents, noise, sigmas)
+    target = noise - latents
+    model_dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    pred = transformer(
+        hidden_states=pack(noisy).to(model_dtype),
+        encoder_hidden_states=prompt_embeds.to(model_dtype),
+        timestep=sigmas.to(model_dtype),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance,
+        return_dict=False,
+    )[0]
+    per_sample = F.mse_loss(pred.float(), pack(target).float(), reduction="none").mean(dim=(1, 2))
+    per_sample = per_sample * loss_weights(sigmas, weighting).to(per_sample.device)
+    return per_sample.mean() if reduce else per_sample

@@ -1,0 +1,451 @@
+"""The training loop, top to bottom: setup -> cache -> LoRA -> fit (step, log, validate, checkpoint) -> export.
+
+Read `fit()` for the step. Everything random in it (data order, caption dropout, flips, sigmas, noise)
+comes from (seed, epoch) or from the loop's own generator, which is saved with each checkpoint, so a
+killed run resumes to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .callbacks import EarlyStopping, NanGuard, WallClock
+from .config import Recipe, cache_root, validate
+from .data.buckets import epoch_batches
+from .data.cache import Cache, build_cache
+from .data.folder import DataError, Item, scan_folder
+from .data.sample import make_sample_dataset
+from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
+from .model import DTYPES, ModelSource, add_lora, count_parameters, load_scheduler, load_transformer, pipeline_class, resolve_model
+from .sampling import render_samples
+
+log = logging.getLogger("flux2_lora")
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must remember across a resume (saved as JSON in each checkpoint)."""
+
+    step: int = 0
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_dataset(spec: str) -> Path:
+    if spec == "builtin:sample":
+        path = cache_root() / "data" / "sample"
+        if not path.exists():
+            make_sample_dataset(path)
+        return path
+    return Path(spec).expanduser()
+
+
+def split_holdout(items: list[Item], holdout: int, seed: int) -> tuple[list[Item], list[Item]]:
+    """Held-out items for the validation loss; with holdout 0 (or too few images) validate on training items."""
+    if holdout == 0 or len(items) <= holdout:
+        return items, items[: max(1, min(len(items), 4))]
+    held = set(random.Random(seed).sample(range(len(items)), holdout))
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    t = recipe.training
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    t = recipe.training
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+
+
+class Trainer:
+    """Holds what the loop needs; `fit()` is the loop."""
+
+    def __init__(self, recipe: Recipe, resume: str | None = None):
+        validate(recipe)
+        self.recipe = recipe
+        self.out = Path(recipe.output.dir).expanduser()
+        self.resume = resume
+        t = recipe.training
+        on_gpu = torch.cuda.is_available()
+        mp = t.mixed_precision
+        if mp == "auto":
+            mp = {"bf16": "bf16", "fp16": "fp16"}.get(recipe.model.dtype, "no") if on_gpu else "no"
+        trackers = (["tensorboard"] if recipe.logging.tensorboard else []) + (["wandb"] if recipe.logging.wandb else [])
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=t.gradient_accumulation,
+            mixed_precision=mp,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+
+    # --------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        r, acc = self.recipe, self.accelerator
+        set_seed(r.training.seed)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "samples").mkdir(exist_ok=True)
+            _write_recipe(self.out / "recipe.yaml", r)
+        acc.wait_for_everyone()
+        self.src: ModelSource = resolve_model(r.model)
+        dataset = resolve_dataset(r.data.dataset or "")
+        items = scan_folder(dataset, r.data.instance_prompt)
+        train_items, val_items = split_holdout(items, r.data.holdout, r.training.seed)
+        self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
+        self._print(f"data  {dataset}: {len(train_items)} training, {len(val_items)} validation images")
+
+        # Cache stage: text encoder and VAE run once, then are freed before the transformer loads.
+        text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
+        common = dict(
+            src=self.src, trigger=r.data.trigger, resolution=r.data.resolution, buckets=r.data.buckets,
+            max_sequence_length=r.model.max_sequence_length, sample_prompts=r.validation.prompts,
+            device=self.device, text_dtype=text_dtype, is_main=self.is_main, wait=acc.wait_for_everyone,
+        )
+        self.train_cache: Cache = build_cache(self.out / "cache", items=train_items, random_flip=r.data.random_flip, **common)  # type: ignore[arg-type]
+        self.val_cache: Cache = build_cache(self.out / "cache", items=val_items, random_flip=False, **common)  # type: ignore[arg-type]
+
+        # Transformer + LoRA.
+        self.transformer = load_transformer(self.src, DTYPES[r.model.dtype])
+        self.lora_config = add_lora(
+            self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
+        )
+        if r.model.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        trainable, total = count_parameters(self.transformer)
+        self._print(f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
+                    f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        self.transformer.to(self.device)
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(params, r)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
+        self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
+
+        # Data order: items repeated, batches from (seed, epoch); each process takes every world-th batch.
+        self.index = [i for i in range(len(self.train_cache)) for _ in range(r.data.repeats)]
+        self.batches_per_epoch = len(self._epoch(0))
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"training.batch_size: {r.training.batch_size} x {acc.num_processes} processes is more than any "
+                "bucket's image count; lower it, add images, or set data.buckets false"
+            )
+        self.guidance = (
+            torch.full((1,), r.training.guidance_scale, device=self.device)
+            if self.transformer.config.guidance_embeds else None
+        )
+        self.state = TrainState()
+        self.callbacks = {
+            "early_stopping": EarlyStopping(r.callbacks.early_stopping_patience, r.callbacks.early_stopping_min_delta),
+            "wall_clock": WallClock(r.callbacks.max_wall_time_minutes),
+            "nan_guard": NanGuard(r.callbacks.nan_max_consecutive),
+        }
+        self.generator = torch.Generator().manual_seed(r.training.seed + 7919 * acc.process_index)
+        self._ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.resume:
+            self._restore(self.resume)
+        if self.is_main:
+            acc.init_trackers("flux2-lora", config=_flat(r.to_dict()))
+        self.metrics_file = self.out / "metrics.jsonl"
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        acc = self.accelerator
+        sizes = [self.train_cache.sizes[i] for i in self.index]
+        batches = epoch_batches(sizes, self.recipe.training.batch_size, self.recipe.training.seed, epoch)
+        per_rank = len(batches) // acc.num_processes
+        return [[self.index[i] for i in b] for b in batches[acc.process_index :: acc.num_processes][:per_rank]]
+
+    # ----------------------------------------------------------------------------------------- fit
+    def fit(self) -> Path:
+        r, acc = self.recipe, self.accelerator
+        t = r.training
+        accum = t.gradient_accumulation
+        if self.state.step == 0:
+            self.validate_and_sample()
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", disable=not self.is_main, dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=self.device)  # summed over the logging window, on the device
+        step_loss = torch.zeros((), device=self.device)  # summed over one optimizer step's micro-batches
+        loss_count = 0
+        last_log, last_log_step = time.perf_counter(), self.state.step
+        micro = self.state.step * accum  # micro-batches consumed so far: the data position
+        stop_reason = ""
+        while self.state.step < t.max_steps and not stop_reason:
+            epoch, skip = divmod(micro, self.batches_per_epoch)
+            for batch in self._epoch(epoch)[skip:]:
+                micro += 1
+                latents, embeds = self._load_batch(batch)
+                sigmas = sample_sigmas(len(batch), t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale)
+                noise = torch.randn(latents.shape, generator=self.generator)
+                img_ids, txt_ids = self._position_ids(latents, embeds)
+                with acc.accumulate(self.model):
+                    # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
+                    loss = flow_loss(
+                        self.model,
+                        latents.to(self.device, non_blocking=True),
+                        embeds.to(self.device, non_blocking=True),
+                        sigmas.to(self.device),
+                        noise.to(self.device, non_blocking=True),
+                        img_ids,
+                        txt_ids,
+                        self.guidance.expand(len(batch)) if self.guidance is not None else None,
+                        t.loss_weighting,
+                    )
+                    acc.backward(loss)
+                    step_loss += loss.detach()
+                    if acc.sync_gradients:
+                        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        # One host sync per optimizer step: skip the update on a NaN/inf loss or gradient.
+                        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+                        if finite:
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                # ---- one optimizer step is done: schedule, guard, log, validate, checkpoint ----
+                self.lr_scheduler.step()
+                self.state.step += 1
+                step = self.state.step
+                bar.update(1)
+                if finite:
+                    loss_sum += step_loss / accum
+                    loss_count += 1
+                else:
+                    self._print(f"step {step}: non-finite loss or gradient, update skipped")
+                step_loss.zero_()
+                stop_reason = self.callbacks["nan_guard"].update(finite, step)
+                if step % r.logging.log_every == 0 or step == t.max_steps:
+                    now = time.perf_counter()
+                    mean_loss = (loss_sum / max(loss_count, 1)).item()
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    self._log({
+                        "step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
+                        "steps_per_s": (step - last_log_step) / max(now - last_log, 1e-9),
+                    })
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                    loss_sum.zero_()
+                    loss_count = 0
+                    last_log, last_log_step = now, step
+                if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
+                    val = self.validate_and_sample()
+                    stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
+                stop_reason = stop_reason or self.callbacks["wall_clock"].update(step)
+                if step == t.max_steps or stop_reason:
+                    break
+                if r.output.checkpoint_every and step % r.output.checkpoint_every == 0:
+                    self.save_checkpoint()
+        bar.close()
+        if stop_reason:
+            self._print(f"stopped at step {self.state.step}: {stop_reason}")
+        if self.state.step == t.max_steps:
+            self.validate_and_sample()
+        self.save_checkpoint()
+        final = self.export(self.out / ckpt.LORA_FILE)
+        acc.end_training()
+        self._print(f"saved {final}")
+        return final
+
+    def _load_batch(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and prompt embeddings of one batch; flips and caption dropout drawn from the generator."""
+        d = self.recipe.data
+        lat, emb = [], []
+        for i in batch:
+            item = self.train_cache.item(i)
+            flip = d.random_flip and bool(torch.rand((), generator=self.generator) < 0.5)
+            drop = d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout)
+            lat.append(item["latents_flip"] if flip else item["latents"])
+            emb.append(self.train_cache.empty_embeds if drop else item["prompt_embeds"])
+        return torch.stack(lat), torch.stack(emb)
+
+    def _position_ids(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text ids, built once per (batch, grid) shape and kept on the device."""
+        b, _, h, w = latents.shape
+        key = (b, h, w)
+        if key not in self._ids:
+            self._ids[key] = (latent_ids(b, h, w, self.device), text_ids(b, embeds.shape[1], self.device))
+        return self._ids[key]
+
+    # ---------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over held-out items at fixed sigmas with fixed noise: comparable across steps and runs."""
+        v = self.recipe.validation
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, 0
+        for i in range(len(self.val_cache)):
+            item = self.val_cache.item(i)
+            g = torch.Generator().manual_seed(v.seed + i)
+            x0 = item["latents"].unsqueeze(0)
+            noise = torch.randn(x0.shape, generator=g)
+            embeds = item["prompt_embeds"].unsqueeze(0)
+            img_ids, txt_ids = self._position_ids(x0, embeds)
+            for s in v.sigmas:
+                sig = torch.tensor([s])
+                loss = flow_loss(
+                    model, x0.to(self.device), embeds.to(self.device), sig.to(self.device), noise.to(self.device),
+                    img_ids, txt_ids, self.guidance, self.recipe.training.loss_weighting,
+                )
+                total += float(loss)
+                n += 1
+        model.train(was_training)
+        return total / max(n, 1)
+
+    def validate_and_sample(self) -> float:
+        step = self.state.step
+        val = self.validation_loss()
+        self.state.val_history.append((step, val))
+        self._log({"step": step, "val_loss": val})
+        self._print(f"step {step}: validation loss {val:.5f}")
+        if self.is_main and self.recipe.validation.prompts:
+            paths = render_samples(self, step)
+            if paths:
+                self._log_images(paths, step)
+        self.accelerator.wait_for_everyone()
+        return val
+
+    # ---------------------------------------------------------------------------------- checkpoint
+    def lora_metadata(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "base_model": r.model.name_or_path,
+            "family": self.src.family,
+            "trigger": r.data.trigger or "",
+            "rank": r.lora.rank,
+            "alpha": r.lora.alpha if r.lora.alpha is not None else r.lora.rank,
+            "targets": r.lora.targets,
+            "steps": self.state.step,
+            "resolution": r.data.resolution,
+        }
+
+    def export(self, path: Path) -> Path:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_main:
+            ckpt.save_lora(path, model, pipeline_class(self.src), self.lora_config, self.lora_metadata())
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        step = self.state.step
+        if self.is_main:
+            model = acc.unwrap_model(self.model)
+            state = {
+                "step": step,
+                "val_history": self.state.val_history,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
+                "world_size": acc.num_processes,
+                "recipe": self.recipe.to_dict(),
+            }
+            rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            path = ckpt.save_checkpoint(
+                self.out / "checkpoints", step, model, self.optimizer, state, rng,
+                export_lora=lambda p: ckpt.save_lora(p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata()),
+                keep_last=self.recipe.output.keep_last,
+            )
+            self._print(f"checkpoint saved: {path}")
+        acc.wait_for_everyone()
+
+    def _restore(self, spec: str) -> None:
+        path = ckpt.resolve_resume(spec, self.out / "checkpoints")
+        if path is None:
+            self._print("resume: no checkpoint yet, starting from step 0")
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        state, rng = ckpt.load_checkpoint(path, model, self.optimizer)
+        if state.get("world_size", 1) != self.accelerator.num_processes:
+            raise ckpt.CheckpointError(
+                f"--resume: {path} was written by {state.get('world_size')} processes, this run has "
+                f"{self.accelerator.num_processes}; the data position cannot carry over exactly"
+            )
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for k, cb in self.callbacks.items():
+            cb.load_state_dict(state["callbacks"].get(k, {}))
+        self.state = TrainState(step=state["step"], val_history=[tuple(v) for v in state["val_history"]])  # type: ignore[misc]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self._print(f"resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------------------------- logging
+    def _print(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        step = rec["step"]
+        self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _log_images(self, paths: list[Path], step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("samples", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
+
+
+def _write_recipe(path: Path, recipe: Recipe) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def train(recipe: Recipe, resume: str | None = None) -> Path:
+    """Run a whole training job; returns the path of the final LoRA."""
+    trainer = Trainer(recipe, resume)
+    trainer.setup()
+    return trainer.fit()
+
+
+__all__ = ["Trainer", "train"]
