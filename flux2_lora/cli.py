@@ -101,21 +101,23 @@ def train_parser() -> Any:
 
 
 def _condense(err: BaseException) -> str:
-    """One line from a jsonargparse error: the field and the reason."""
+    """One line from a jsonargparse error: `field: what is expected (got VALUE)`."""
     text = str(err)
     m = re.search(r'[Kk]ey "([^"]+)"', text)
-    field = m.group(1) if m else None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reason = lines[0] if lines else type(err).__name__
-    if field:
-        detail = next((ln for ln in lines[1:] if "Expected" in ln or "not" in ln.lower()), None)
-        if detail:
-            reason = detail.lstrip("- ")
+    got = re.search(r"Got value:\s*(.*)", text)
+    lit = re.search(r"Literal\[([^\]]*)\]", text)
+    cls = re.search(r"Expected a <class '(\w+)'>", text)
+    if m:
+        if lit:
+            reason = "must be one of " + lit.group(1).replace("'", "")
+        elif cls:
+            reason = f"must be {'an' if cls.group(1)[0] in 'aeiou' else 'a'} {cls.group(1)}"
         else:
-            reason = re.sub(r'.*[Kk]ey "[^"]+"\s*:?\s*', "", reason) or reason
-        m2 = re.search(r'[Gg]iven value:?\s*(.*)$', text.splitlines()[-1] if text.splitlines() else "")
-        return f"{field}: {reason}" + (f" (got {m2.group(1).strip()})" if m2 and m2.group(1).strip() else "")
-    return reason
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            reason = re.sub(r'.*[Kk]ey "[^"]+"\s*:?\s*', "", lines[0]) if lines else "invalid value"
+        return f"{m.group(1)}: {reason}" + (f" (got {got.group(1).strip()})" if got else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:

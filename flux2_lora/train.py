@@ -105,6 +105,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         r, acc = self.recipe, self.accelerator
+        _quiet_libraries()
         set_seed(r.training.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +421,17 @@ class Trainer:
                 import wandb
 
                 tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars are enough: silence the per-file bars of transformers and diffusers."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
 
 
 def _write_recipe(path: Path, recipe: Recipe) -> None:

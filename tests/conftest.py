@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny FLUX.2 pipelines and the sample dataset, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLUX2_LORA_HOME for the session: builtin models and the sample dataset are built here."""
+    path = tmp_path_factory.mktemp("flux2-home")
+    os.environ["FLUX2_LORA_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(home: Path) -> Path:
+    from flux2_lora.model import make_tiny_pipeline
+
+    return make_tiny_pipeline(home / "models" / "tiny-dev", family="dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(home: Path) -> Path:
+    from flux2_lora.model import make_tiny_pipeline
+
+    return make_tiny_pipeline(home / "models" / "tiny-klein", family="klein")
+
+
+@pytest.fixture(scope="session")
+def sample_data(home: Path) -> Path:
+    from flux2_lora.data.sample import make_sample_dataset
+
+    return make_sample_dataset(home / "data" / "sample")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m flux2_lora ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "flux2_lora", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
