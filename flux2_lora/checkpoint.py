@@ -217,11 +217,15 @@ def resolve_resume(spec: str, checkpoints_root: Path) -> Path | None:
         return ckpts[-1] if ckpts else None
     path = Path(spec).expanduser()
     if not (path / "state.json").exists():
-        raise CheckpointError(f"--resume: {spec} is not a checkpoint folder (no state.json); use latest or checkpoints/step-N")
+        raise CheckpointError(
+            f"--resume: {spec} is not a checkpoint folder (no state.json); use latest or checkpoints/step-N"
+        )
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore trainable tensors and optimizer state in place; return (state, rng)."""
     for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"):
         if not (path / name).exists():
@@ -238,7 +242,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     with torch.no_grad():
         for n, t in saved.items():
             if params[n].shape != t.shape:
-                raise CheckpointError(f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+                raise CheckpointError(
+                    f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}"
+                )
             params[n].copy_(t.to(params[n].dtype))
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))

@@ -1,10 +1,10 @@
 """`flux2-lora` command line (jsonargparse). The recipe dataclasses are the `train` arguments.
 
-    flux2-lora train --preset tiny                       # the embedded default: tiny FLUX.2 + sample data
-    flux2-lora train --preset character --dataset D --output O [--model.dtype bf16 ...]
-    flux2-lora train --config my.yaml --resume latest
-    flux2-lora model make-tiny --out DIR [--family dev|klein]
-    flux2-lora data make-sample --out DIR
+flux2-lora train --preset tiny                       # the embedded default: tiny FLUX.2 + sample data
+flux2-lora train --preset character --dataset D --output O [--model.dtype bf16 ...]
+flux2-lora train --config my.yaml --resume latest
+flux2-lora model make-tiny --out DIR [--family dev|klein]
+flux2-lora data make-sample --out DIR
 """
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:
     ns.pop("config", None)
     ns.pop("__path__", None)
     recipe = parser.instantiate_classes(ns)
-    recipe = Recipe(**{k: recipe[k] for k in ("model", "lora", "data", "training", "validation", "output", "logging", "callbacks")})
+    recipe = Recipe(
+        **{k: recipe[k] for k in ("model", "lora", "data", "training", "validation", "output", "logging", "callbacks")}
+    )
     validate(recipe)
     return recipe, resume
 
@@ -150,7 +152,9 @@ def cmd_model(argv: list[str]) -> int:
 
     if not argv or argv[0] != "make-tiny":
         raise CliError("model: expected `model make-tiny --out DIR [--family dev|klein]`")
-    p = ArgumentParser(prog="flux2-lora model make-tiny", exit_on_error=False, description="Write a tiny random FLUX.2 pipeline.")
+    p = ArgumentParser(
+        prog="flux2-lora model make-tiny", exit_on_error=False, description="Write a tiny random FLUX.2 pipeline."
+    )
     p.add_argument("--out", type=str, required=True, help="Folder to write (diffusers save_pretrained layout).")
     p.add_argument("--family", type=str, default="dev", choices=["dev", "klein"], help="FLUX.2 family.")
     p.add_argument("--seed", type=int, default=0, help="Weight seed.")

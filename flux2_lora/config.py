@@ -247,17 +247,25 @@ def validate(recipe: Recipe) -> None:
         _require(d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)")
     _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
     _require(d.repeats >= 1, "data.repeats", f"must be >= 1, got {d.repeats}")
-    _require(d.resolution >= 16 and d.resolution % 16 == 0, "data.resolution", f"must be a multiple of 16, got {d.resolution}")
+    _require(
+        d.resolution >= 16 and d.resolution % 16 == 0,
+        "data.resolution",
+        f"must be a multiple of 16, got {d.resolution}",
+    )
     _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
     _require(t.max_steps >= 1, "training.max_steps", f"must be >= 1, got {t.max_steps}")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
-    _require(t.gradient_accumulation >= 1, "training.gradient_accumulation", f"must be >= 1, got {t.gradient_accumulation}")
+    _require(
+        t.gradient_accumulation >= 1, "training.gradient_accumulation", f"must be >= 1, got {t.gradient_accumulation}"
+    )
     _require(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
     _require(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.logit_std > 0, "training.logit_std", f"must be > 0, got {t.logit_std}")
-    _require(len(v.sigmas) > 0 and all(0.0 < s < 1.0 for s in v.sigmas), "validation.sigmas", "must be values in (0, 1)")
+    _require(
+        len(v.sigmas) > 0 and all(0.0 < s < 1.0 for s in v.sigmas), "validation.sigmas", "must be values in (0, 1)"
+    )
     _require(v.every_n_steps >= 0, "validation.every_n_steps", f"must be >= 0, got {v.every_n_steps}")
     _require(v.sample_steps >= 1, "validation.sample_steps", f"must be >= 1, got {v.sample_steps}")
     if v.sample_resolution is not None:

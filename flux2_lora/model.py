@@ -31,21 +31,27 @@ def lora_target_modules(preset: str, num_single_layers: int) -> list[str]:
     if preset == "attention":
         return list(ATTENTION_TARGETS)
     if preset == "attention+single":
-        return ATTENTION_TARGETS + ["to_qkv_mlp_proj"] + [
-            f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)
-        ]
+        return (
+            ATTENTION_TARGETS
+            + ["to_qkv_mlp_proj"]
+            + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)]
+        )
     if preset == "all-linear":
-        return ATTENTION_TARGETS + [
-            "add_q_proj",
-            "add_k_proj",
-            "add_v_proj",
-            "to_add_out",
-            "ff.linear_in",
-            "ff.linear_out",
-            "ff_context.linear_in",
-            "ff_context.linear_out",
-            "to_qkv_mlp_proj",
-        ] + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)]
+        return (
+            ATTENTION_TARGETS
+            + [
+                "add_q_proj",
+                "add_k_proj",
+                "add_v_proj",
+                "to_add_out",
+                "ff.linear_in",
+                "ff.linear_out",
+                "ff_context.linear_in",
+                "ff_context.linear_out",
+                "to_qkv_mlp_proj",
+            ]
+            + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)]
+        )
     raise RecipeError(f"lora.targets: unknown preset {preset!r}")
 
 
@@ -73,7 +79,9 @@ def resolve_model(args: ModelArgs) -> ModelSource:
     if name.startswith("builtin:"):
         kind = name.split(":", 1)[1]
         if kind not in ("tiny-dev", "tiny-klein"):
-            raise ModelError(f"model.name_or_path: unknown builtin {name!r} (use builtin:tiny-dev or builtin:tiny-klein)")
+            raise ModelError(
+                f"model.name_or_path: unknown builtin {name!r} (use builtin:tiny-dev or builtin:tiny-klein)"
+            )
         family = kind.split("-", 1)[1]
         path = cache_root() / "models" / kind
         if not (path / "model_index.json").exists():
@@ -132,6 +140,7 @@ def load_text_encoder(src: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
     """Text encoder and its tokenizer/processor."""
     from transformers import AutoTokenizer
 
+    text_encoder: Any
     if src.family == "klein":
         from transformers import Qwen3ForCausalLM
 
@@ -196,14 +205,16 @@ def free(*modules: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def add_lora(transformer: Any, rank: int, alpha: float | None, dropout: float, targets: str, init: str, use_dora: bool) -> dict[str, Any]:
+def add_lora(
+    transformer: Any, rank: int, alpha: float | None, dropout: float, targets: str, init: str, use_dora: bool
+) -> dict[str, Any]:
     """Inject a PEFT LoRA adapter; LoRA weights are kept in fp32. Returns the adapter's LoraConfig as a dict."""
     from peft import LoraConfig
 
     target_modules = lora_target_modules(targets, transformer.config.num_single_layers)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
+        lora_alpha=alpha if alpha is not None else rank,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=dropout,
         init_lora_weights="gaussian" if init == "gaussian" else True,
         target_modules=target_modules,
@@ -250,7 +261,17 @@ def _tiny_tokenizer(family: str) -> Any:
     if family == "klein":
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     else:
-        specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+        specials = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<pad>",
+            "[INST]",
+            "[/INST]",
+            "[SYSTEM_PROMPT]",
+            "[/SYSTEM_PROMPT]",
+            "[IMG]",
+        ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -259,7 +280,10 @@ def _tiny_tokenizer(family: str) -> Any:
         "circle square triangle star background small large dog cat person portrait landscape sks ohwx"
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([SYSTEM_MESSAGE] * 4 + [words] * 4, trainer)
     if family == "klein":
@@ -267,7 +291,11 @@ def _tiny_tokenizer(family: str) -> Any:
             tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=_QWEN_TEMPLATE
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         chat_template=_MISTRAL_TEMPLATE,
     )
     fast.padding_side = "left"
@@ -290,13 +318,20 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
         shutil.rmtree(tmp)
     hidden = 16
     torch.manual_seed(seed)
+    text_encoder: Any
     if family == "klein":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         text_encoder = Qwen3ForCausalLM(
             Qwen3Config(
-                vocab_size=512, hidden_size=hidden, intermediate_size=32, num_hidden_layers=28,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                vocab_size=512,
+                hidden_size=hidden,
+                intermediate_size=32,
+                num_hidden_layers=28,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=1024,
             )
         )
     elif family == "dev":
@@ -304,16 +339,34 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
 
         config = Mistral3Config(
             text_config={
-                "model_type": "mistral", "vocab_size": 512, "hidden_size": hidden, "intermediate_size": 32,
-                "max_position_embeddings": 1024, "num_attention_heads": 2, "num_hidden_layers": 32,
-                "num_key_value_heads": 1, "head_dim": 8, "rms_norm_eps": 1e-5, "sliding_window": None,
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+                "model_type": "mistral",
+                "vocab_size": 512,
+                "hidden_size": hidden,
+                "intermediate_size": 32,
+                "max_position_embeddings": 1024,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 32,
+                "num_key_value_heads": 1,
+                "head_dim": 8,
+                "rms_norm_eps": 1e-5,
+                "sliding_window": None,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 3,
             },
             vision_config={
-                "model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 32, "image_size": 32, "patch_size": 8, "num_channels": 3, "head_dim": 8,
+                "model_type": "pixtral",
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+                "image_size": 32,
+                "patch_size": 8,
+                "num_channels": 3,
+                "head_dim": 8,
             },
-            image_token_index=8, spatial_merge_size=2,
+            image_token_index=8,
+            spatial_merge_size=2,
         )
         text_encoder = Mistral3ForConditionalGeneration(config)
     else:
@@ -321,11 +374,18 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
     tokenizer = _tiny_tokenizer(family)
     num_layers = len(FAMILY_TEXT_LAYERS[family])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+    vae: Any = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     # Non-trivial batch-norm statistics so the latent normalisation is exercised.
     with torch.no_grad():
@@ -333,19 +393,31 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
         vae.bn.running_var.uniform_(0.5, 1.5)
     torch.manual_seed(seed + 2)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=hidden * num_layers, timestep_guidance_channels=32,
-        mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=family == "dev",
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=hidden * num_layers,
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=family == "dev",
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     if family == "klein":
         from diffusers import Flux2KleinPipeline
 
-        pipe: Any = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        pipe: Any = Flux2KleinPipeline(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
     else:
         from diffusers import Flux2Pipeline
 
-        pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        pipe = Flux2Pipeline(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
     pipe.save_pretrained(tmp, safe_serialization=True)
     if out.exists():
         import shutil

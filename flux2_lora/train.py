@@ -29,7 +29,15 @@ from .data.cache import Cache, build_cache
 from .data.folder import DataError, Item, scan_folder
 from .data.sample import make_sample_dataset
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
-from .model import DTYPES, ModelSource, add_lora, count_parameters, load_scheduler, load_transformer, pipeline_class, resolve_model
+from .model import (
+    DTYPES,
+    ModelSource,
+    add_lora,
+    count_parameters,
+    load_transformer,
+    pipeline_class,
+    resolve_model,
+)
 from .sampling import render_samples
 
 log = logging.getLogger("flux2_lora")
@@ -68,7 +76,9 @@ def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.op
 
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(
+        params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None
+    )
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> Any:
@@ -89,7 +99,7 @@ class Trainer:
         self.resume = resume
         t = recipe.training
         on_gpu = torch.cuda.is_available()
-        mp = t.mixed_precision
+        mp: str = t.mixed_precision
         if mp == "auto":
             mp = {"bf16": "bf16", "fp16": "fp16"}.get(recipe.model.dtype, "no") if on_gpu else "no"
         trackers = (["tensorboard"] if recipe.logging.tensorboard else []) + (["wandb"] if recipe.logging.wandb else [])
@@ -122,11 +132,20 @@ class Trainer:
         # Cache stage: text encoder and VAE run once, then are freed before the transformer loads.
         text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
         common = dict(
-            src=self.src, trigger=r.data.trigger, resolution=r.data.resolution, buckets=r.data.buckets,
-            max_sequence_length=r.model.max_sequence_length, sample_prompts=r.validation.prompts,
-            device=self.device, text_dtype=text_dtype, is_main=self.is_main, wait=acc.wait_for_everyone,
+            src=self.src,
+            trigger=r.data.trigger,
+            resolution=r.data.resolution,
+            buckets=r.data.buckets,
+            max_sequence_length=r.model.max_sequence_length,
+            sample_prompts=r.validation.prompts,
+            device=self.device,
+            text_dtype=text_dtype,
+            is_main=self.is_main,
+            wait=acc.wait_for_everyone,
         )
-        self.train_cache: Cache = build_cache(self.out / "cache", items=train_items, random_flip=r.data.random_flip, **common)  # type: ignore[arg-type]
+        self.train_cache: Cache = build_cache(
+            self.out / "cache", items=train_items, random_flip=r.data.random_flip, **common
+        )  # type: ignore[arg-type]
         self.val_cache: Cache = build_cache(self.out / "cache", items=val_items, random_flip=False, **common)  # type: ignore[arg-type]
 
         # Transformer + LoRA.
@@ -137,8 +156,10 @@ class Trainer:
         if r.model.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         trainable, total = count_parameters(self.transformer)
-        self._print(f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
-                    f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        self._print(
+            f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        )
         self.transformer.to(self.device)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, r)
@@ -155,10 +176,11 @@ class Trainer:
             )
         self.guidance = (
             torch.full((1,), r.training.guidance_scale, device=self.device)
-            if self.transformer.config.guidance_embeds else None
+            if self.transformer.config.guidance_embeds
+            else None
         )
         self.state = TrainState()
-        self.callbacks = {
+        self.callbacks: dict[str, Any] = {
             "early_stopping": EarlyStopping(r.callbacks.early_stopping_patience, r.callbacks.early_stopping_min_delta),
             "wall_clock": WallClock(r.callbacks.max_wall_time_minutes),
             "nan_guard": NanGuard(r.callbacks.nan_max_consecutive),
@@ -183,9 +205,17 @@ class Trainer:
         r, acc = self.recipe, self.accelerator
         t = r.training
         accum = t.gradient_accumulation
+        self.model.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
         if self.state.step == 0:
             self.validate_and_sample()
-        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
         loss_sum = torch.zeros((), device=self.device)  # summed over the logging window, on the device
         step_loss = torch.zeros((), device=self.device)  # summed over one optimizer step's micro-batches
         loss_count = 0
@@ -197,7 +227,9 @@ class Trainer:
             for batch in self._epoch(epoch)[skip:]:
                 micro += 1
                 latents, embeds = self._load_batch(batch)
-                sigmas = sample_sigmas(len(batch), t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale)
+                sigmas = sample_sigmas(
+                    len(batch), t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale
+                )
                 noise = torch.randn(latents.shape, generator=self.generator)
                 img_ids, txt_ids = self._position_ids(latents, embeds)
                 with acc.accumulate(self.model):
@@ -241,10 +273,16 @@ class Trainer:
                     now = time.perf_counter()
                     mean_loss = (loss_sum / max(loss_count, 1)).item()
                     lr = self.lr_scheduler.get_last_lr()[0]
-                    self._log({
-                        "step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
-                        "steps_per_s": (step - last_log_step) / max(now - last_log, 1e-9),
-                    })
+                    self._log(
+                        {
+                            "step": step,
+                            "loss": mean_loss,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "epoch": epoch,
+                            "steps_per_s": (step - last_log_step) / max(now - last_log, 1e-9),
+                        }
+                    )
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                     loss_sum.zero_()
                     loss_count = 0
@@ -307,8 +345,15 @@ class Trainer:
             for s in v.sigmas:
                 sig = torch.tensor([s])
                 loss = flow_loss(
-                    model, x0.to(self.device), embeds.to(self.device), sig.to(self.device), noise.to(self.device),
-                    img_ids, txt_ids, self.guidance, self.recipe.training.loss_weighting,
+                    model,
+                    x0.to(self.device),
+                    embeds.to(self.device),
+                    sig.to(self.device),
+                    noise.to(self.device),
+                    img_ids,
+                    txt_ids,
+                    self.guidance,
+                    self.recipe.training.loss_weighting,
                 )
                 total += float(loss)
                 n += 1
@@ -366,8 +411,15 @@ class Trainer:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             path = ckpt.save_checkpoint(
-                self.out / "checkpoints", step, model, self.optimizer, state, rng,
-                export_lora=lambda p: ckpt.save_lora(p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata()),
+                self.out / "checkpoints",
+                step,
+                model,
+                self.optimizer,
+                state,
+                rng,
+                export_lora=lambda p: ckpt.save_lora(
+                    p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata()
+                ),
                 keep_last=self.recipe.output.keep_last,
             )
             self._print(f"checkpoint saved: {path}")

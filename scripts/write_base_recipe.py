@@ -1,6 +1,6 @@
 """Regenerate recipes/base.yaml from the recipe dataclasses: every field, its default and its docstring.
 
-    python scripts/write_base_recipe.py
+python scripts/write_base_recipe.py
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def field_docs() -> dict[str, dict[str, str]]:
         if isinstance(node, ast.ClassDef):
             d: dict[str, str] = {}
             body = node.body
-            for a, b in zip(body, body[1:]):
+            for a, b in zip(body, body[1:], strict=False):
                 if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
                     if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
                         d[a.target.id] = " ".join(b.value.value.split())

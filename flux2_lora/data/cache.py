@@ -61,10 +61,23 @@ class Cache:
         return [self.extra[f"prompt.{j}"] for j in range(n)]
 
 
-def fingerprint(src: ModelSource, items: list[Item], captions: list[str], resolution: int, buckets: bool, flip: bool, max_len: int, prompts: list[str]) -> str:
+def fingerprint(
+    src: ModelSource,
+    items: list[Item],
+    captions: list[str],
+    resolution: int,
+    buckets: bool,
+    flip: bool,
+    max_len: int,
+    prompts: list[str],
+) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([str(src.path.resolve()), src.family, list(src.text_layers), resolution, buckets, flip, max_len, prompts]).encode())
-    for it, cap in zip(items, captions):
+    h.update(
+        json.dumps(
+            [str(src.path.resolve()), src.family, list(src.text_layers), resolution, buckets, flip, max_len, prompts]
+        ).encode()
+    )
+    for it, cap in zip(items, captions, strict=True):
         st = it.image.stat()
         h.update(json.dumps([str(it.image.resolve()), st.st_size, st.st_mtime_ns, cap]).encode())
     return h.hexdigest()[:16]
@@ -93,7 +106,9 @@ def build_cache(
     sizes_all = bucket_sizes(resolution, buckets)
     done = cache_dir / "index.json"
     if is_main and not done.exists():
-        _encode(cache_dir, src, items, captions, prompts, sizes_all, random_flip, max_sequence_length, device, text_dtype)
+        _encode(
+            cache_dir, src, items, captions, prompts, sizes_all, random_flip, max_sequence_length, device, text_dtype
+        )
     if wait is not None:
         wait()
     index = json.loads(done.read_text())
@@ -130,7 +145,7 @@ def _encode(
     for j in tqdm(range(0, len(unique), TEXT_BATCH), desc="cache: prompts", unit="batch", leave=False):
         chunk = unique[j : j + TEXT_BATCH]
         out = encode_prompts(src.family, text_encoder, tokenizer, chunk, src.text_layers, max_len)
-        for text, e in zip(chunk, out):
+        for text, e in zip(chunk, out, strict=True):
             embeds[text] = e.to("cpu").contiguous()
     free(text_encoder)
     del text_encoder, tokenizer
@@ -138,7 +153,9 @@ def _encode(
     # 2. VAE: each image at its bucket size (and flipped when asked). Then free it.
     vae = load_vae(src).to(device)
     sizes: list[tuple[int, int]] = []
-    for i, (it, cap) in enumerate(tqdm(list(zip(items, captions)), desc="cache: latents", unit="img", leave=False)):
+    for i, (it, cap) in enumerate(
+        tqdm(list(zip(items, captions, strict=True)), desc="cache: latents", unit="img", leave=False)
+    ):
         image = load_image(it.image)
         size = nearest_bucket(image.width, image.height, sizes_all)
         pixels = to_tensor(resize_to_bucket(image, size)).unsqueeze(0)

@@ -45,9 +45,28 @@ def test_base_recipe_documents_every_field() -> None:
 def test_overrides_and_short_forms(sample_data: Path, tmp_path: Path) -> None:
     recipe, resume = parse_train(
         [
-            "--steps", "7", "--preset", "tiny", "--lr", "0.01", "--batch-size", "2", "--rank", "4",
-            "--dtype", "bf16", "--output", str(tmp_path), "--dataset", str(sample_data), "--force-cpu-loading",
-            "--lora.dropout", "0.1", "--resume", "latest", "--model=builtin:tiny-klein",
+            "--steps",
+            "7",
+            "--preset",
+            "tiny",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--dtype",
+            "bf16",
+            "--output",
+            str(tmp_path),
+            "--dataset",
+            str(sample_data),
+            "--force-cpu-loading",
+            "--lora.dropout",
+            "0.1",
+            "--resume",
+            "latest",
+            "--model=builtin:tiny-klein",
         ]
     )
     assert recipe.training.max_steps == 7  # given before --preset, still wins: presets load first

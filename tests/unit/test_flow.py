@@ -145,10 +145,23 @@ def test_flow_loss_is_mse_against_noise_minus_data() -> None:
     x0, noise = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
     pred = torch.randn(2, 4, 4, generator=g)
     sig = torch.tensor([0.3, 0.7])
-    loss = flow.flow_loss(Echo(pred), x0, torch.zeros(2, 3, 8), sig, noise, flow.latent_ids(2, 2, 2), flow.text_ids(2, 3), None)
+    loss = flow.flow_loss(
+        Echo(pred), x0, torch.zeros(2, 3, 8), sig, noise, flow.latent_ids(2, 2, 2), flow.text_ids(2, 3), None
+    )
     expected = ((pred - flow.pack(noise - x0)) ** 2).mean()
     torch.testing.assert_close(loss, expected)
-    weighted = flow.flow_loss(Echo(pred), x0, torch.zeros(2, 3, 8), sig, noise, flow.latent_ids(2, 2, 2), flow.text_ids(2, 3), None, "sigma_sqrt", reduce=False)
+    weighted = flow.flow_loss(
+        Echo(pred),
+        x0,
+        torch.zeros(2, 3, 8),
+        sig,
+        noise,
+        flow.latent_ids(2, 2, 2),
+        flow.text_ids(2, 3),
+        None,
+        "sigma_sqrt",
+        reduce=False,
+    )
     per = ((pred - flow.pack(noise - x0)) ** 2).mean(dim=(1, 2)) * sig**-2
     torch.testing.assert_close(weighted, per)
 
