@@ -119,26 +119,38 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _split_tensors(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by {"__tensor__": key}, collecting it in `tensors`."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, f"{path}/{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as (tensors for safetensors, JSON). Handles nested state (bitsandbytes 8-bit)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "tensor_keys": sorted(tensors)}
+    state = {str(idx): _split_tensors(st, str(idx), tensors) for idx, st in sd["state"].items()}
+    return tensors, {"param_groups": sd["param_groups"], "state": state}
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, st in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(st)
+    state = {int(idx): _join_tensors(st, tensors) for idx, st in meta["state"].items()}
     groups = meta["param_groups"]
     for g in groups:
         if "betas" in g and isinstance(g["betas"], list):

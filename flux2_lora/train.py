@@ -190,7 +190,8 @@ class Trainer:
         if self.resume:
             self._restore(self.resume)
         if self.is_main:
-            acc.init_trackers("flux2-lora", config=_flat(r.to_dict()))
+            init_kwargs = {"wandb": {"mode": r.logging.wandb_mode, "dir": str(self.out)}} if r.logging.wandb else {}
+            acc.init_trackers(r.logging.wandb_project, config=_flat(r.to_dict()), init_kwargs=init_kwargs)
         self.metrics_file = self.out / "metrics.jsonl"
 
     def _epoch(self, epoch: int) -> list[list[int]]:

@@ -25,8 +25,14 @@ def _model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Op
 
 def _save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, keep: int = 3) -> Path:
     return ckpt.save_checkpoint(
-        root, step, model, opt, {"step": step, "x": [1, 2]}, {"generator": torch.Generator().manual_seed(5).get_state()},
-        export_lora=lambda p: p.write_bytes(b"lora"), keep_last=keep,
+        root,
+        step,
+        model,
+        opt,
+        {"step": step, "x": [1, 2]},
+        {"generator": torch.Generator().manual_seed(5).get_state()},
+        export_lora=lambda p: p.write_bytes(b"lora"),
+        keep_last=keep,
     )
 
 
@@ -48,7 +54,14 @@ def test_round_trip_restores_weights_and_optimizer_exactly(tmp_path: Path) -> No
     g.set_state(rng["generator"])
     assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(5)))
     # Only safetensors and JSON in the folder.
-    assert sorted(p.suffix for p in path.iterdir()) == [".json", ".json", ".safetensors", ".safetensors", ".safetensors", ".safetensors"]
+    assert sorted(p.suffix for p in path.iterdir()) == [
+        ".json",
+        ".json",
+        ".safetensors",
+        ".safetensors",
+        ".safetensors",
+        ".safetensors",
+    ]
 
 
 def test_latest_pointer_retention_and_interrupted_writes(tmp_path: Path) -> None:
