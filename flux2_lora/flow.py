@@ -136,6 +136,11 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> to
     return (1.0 - s) * x0 + s * noise
 
 
+def frozen_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Dtype of the frozen base weights (LoRA weights are kept in fp32 and may differ)."""
+    return next(p for p in model.parameters() if not p.requires_grad).dtype
+
+
 def flow_loss(
     transformer: Any,
     latents: torch.Tensor,
@@ -156,7 +161,7 @@ def flow_loss(
     """
     noisy = add_noise(latents, noise, sigmas)
     target = noise - latents
-    model_dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    model_dtype = frozen_dtype(transformer)
     pred = transformer(
         hidden_states=pack(noisy).to(model_dtype),
         encoder_hidden_states=prompt_embeds.to(model_dtype),

@@ -136,19 +136,30 @@ def _snapshot_from_hub(repo_id: str, revision: str | None) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_text_encoder(src: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Text encoder and its tokenizer/processor."""
+def _device_map(device: torch.device | str | None) -> dict[str, torch.device] | None:
+    """Load straight onto `device` (no full copy in host memory first); None loads on the CPU."""
+    return None if device is None else {"": torch.device(device)}
+
+
+def load_text_encoder(
+    src: ModelSource, dtype: torch.dtype, device: torch.device | str | None = None
+) -> tuple[Any, Any]:
+    """Text encoder (on `device`, or the CPU when None) and its tokenizer/processor."""
     from transformers import AutoTokenizer
 
     text_encoder: Any
     if src.family == "klein":
         from transformers import Qwen3ForCausalLM
 
-        text_encoder = Qwen3ForCausalLM.from_pretrained(src.path / "text_encoder", torch_dtype=dtype)
+        text_encoder = Qwen3ForCausalLM.from_pretrained(
+            src.path / "text_encoder", torch_dtype=dtype, device_map=_device_map(device)
+        )
     else:
         from transformers import Mistral3ForConditionalGeneration
 
-        text_encoder = Mistral3ForConditionalGeneration.from_pretrained(src.path / "text_encoder", torch_dtype=dtype)
+        text_encoder = Mistral3ForConditionalGeneration.from_pretrained(
+            src.path / "text_encoder", torch_dtype=dtype, device_map=_device_map(device)
+        )
     tokenizer = _load_tokenizer(src)
     text_encoder.requires_grad_(False).eval()
     return text_encoder, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(src.path / "tokenizer")
@@ -163,18 +174,20 @@ def _load_tokenizer(src: ModelSource) -> Any:
     return cls.from_pretrained(src.path / "tokenizer")
 
 
-def load_vae(src: ModelSource, dtype: torch.dtype = torch.float32) -> Any:
+def load_vae(src: ModelSource, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Any:
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2.from_pretrained(src.path / "vae", torch_dtype=dtype)
+    vae = AutoencoderKLFlux2.from_pretrained(src.path / "vae", torch_dtype=dtype, device_map=_device_map(device))
     vae.requires_grad_(False).eval()
     return vae
 
 
-def load_transformer(src: ModelSource, dtype: torch.dtype) -> Any:
+def load_transformer(src: ModelSource, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
     from diffusers import Flux2Transformer2DModel
 
-    transformer = Flux2Transformer2DModel.from_pretrained(src.path / "transformer", torch_dtype=dtype)
+    transformer = Flux2Transformer2DModel.from_pretrained(
+        src.path / "transformer", torch_dtype=dtype, device_map=_device_map(device)
+    )
     transformer.requires_grad_(False)
     return transformer
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .flow import frozen_dtype
 from .model import load_scheduler, load_vae, pipeline_class
 
 
@@ -31,7 +32,8 @@ def render_samples(trainer: Any, step: int) -> list[Path]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     was_training = model.training
     model.eval()
-    vae = load_vae(src).to(trainer.device)
+    dtype = frozen_dtype(model)
+    vae = load_vae(src, dtype=dtype).to(trainer.device)  # the pipeline hands the VAE latents in this dtype
     cls = pipeline_class(src)
     pipe = cls(scheduler=load_scheduler(src), vae=vae, text_encoder=None, tokenizer=None, transformer=model)
     pipe.set_progress_bar_config(disable=True)
@@ -40,10 +42,10 @@ def render_samples(trainer: Any, step: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     images = []
-    empty = trainer.train_cache.empty_embeds.unsqueeze(0).to(trainer.device)
+    empty = trainer.train_cache.empty_embeds.unsqueeze(0).to(trainer.device, dtype)
     for j, embeds in enumerate(trainer.train_cache.sample_embeds()):
         kwargs: dict[str, Any] = dict(
-            prompt_embeds=embeds.unsqueeze(0).to(trainer.device),
+            prompt_embeds=embeds.unsqueeze(0).to(trainer.device, dtype),
             height=size,
             width=size,
             num_inference_steps=v.sample_steps,

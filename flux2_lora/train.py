@@ -142,6 +142,7 @@ class Trainer:
             text_dtype=text_dtype,
             is_main=self.is_main,
             wait=acc.wait_for_everyone,
+            force_cpu_loading=r.model.force_cpu_loading,
         )
         self.train_cache: Cache = build_cache(
             self.out / "cache", items=train_items, random_flip=r.data.random_flip, **common
@@ -149,7 +150,10 @@ class Trainer:
         self.val_cache: Cache = build_cache(self.out / "cache", items=val_items, random_flip=False, **common)  # type: ignore[arg-type]
 
         # Transformer + LoRA.
-        self.transformer = load_transformer(self.src, DTYPES[r.model.dtype])
+        # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
+        self.transformer = load_transformer(
+            self.src, DTYPES[r.model.dtype], None if r.model.force_cpu_loading else self.device
+        )
         self.lora_config = add_lora(
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
         )

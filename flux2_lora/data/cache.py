@@ -97,6 +97,7 @@ def build_cache(
     text_dtype: torch.dtype,
     is_main: bool = True,
     wait: Any = None,
+    force_cpu_loading: bool = False,
 ) -> Cache:
     """Encode every item once (main process), reuse an existing complete cache, free the encoders."""
     captions = [full_caption(it.caption, trigger) for it in items]
@@ -132,13 +133,15 @@ def _encode(
     max_len: int,
     device: torch.device,
     text_dtype: torch.dtype,
+    force_cpu_loading: bool = False,
 ) -> None:
     tmp = cache_dir.with_name(cache_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
     # 1. Text encoder: every distinct caption, the empty prompt, the sample prompts. Then free it.
-    text_encoder, tokenizer = load_text_encoder(src, text_dtype)
+    load_on = None if force_cpu_loading else device
+    text_encoder, tokenizer = load_text_encoder(src, text_dtype, load_on)
     text_encoder.to(device)
     unique = sorted(set(captions) | set(prompts) | {""})
     embeds: dict[str, torch.Tensor] = {}
@@ -151,7 +154,7 @@ def _encode(
     del text_encoder, tokenizer
 
     # 2. VAE: each image at its bucket size (and flipped when asked). Then free it.
-    vae = load_vae(src).to(device)
+    vae = load_vae(src, device=load_on).to(device)
     sizes: list[tuple[int, int]] = []
     for i, (it, cap) in enumerate(
         tqdm(list(zip(items, captions, strict=True)), desc="cache: latents", unit="img", leave=False)

@@ -197,3 +197,43 @@ def test_klein_family_trains_and_loads(tmp_path: Path, tiny_klein: Path, sample_
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
     pipe.load_lora_weights(str(out / "lora.safetensors"))
     assert pipe.get_list_adapters()["transformer"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_base_with_gradient_checkpointing(tmp_path: Path, tiny_dev: Path, sample_data: Path, dtype: str) -> None:
+    out = tmp_path / dtype
+    _train(out, "--dtype", dtype, "--model.gradient_checkpointing", "true", "--steps", "4", "--validation.every_n_steps", "0")
+    lora = load_file(str(out / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    assert (out / "samples" / "step-000004-grid.png").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev: Path) -> None:
+    from flux2_lora import flow
+    from flux2_lora.config import ModelArgs
+    from flux2_lora.model import add_lora, load_transformer, resolve_model
+
+    src = resolve_model(ModelArgs(name_or_path=str(tiny_dev)))
+    grads = []
+    for ckpt_on in (False, True):
+        torch.manual_seed(0)
+        model = load_transformer(src, torch.float32)
+        add_lora(model, 4, None, 0.0, "all-linear", "gaussian", False)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # non-zero B so every LoRA factor gets a gradient
+        model.train()
+        if ckpt_on:
+            model.enable_gradient_checkpointing()
+        g = torch.Generator().manual_seed(1)
+        x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+        emb = torch.randn(2, 8, 48, generator=g)
+        loss = flow.flow_loss(
+            model, x0, emb, torch.tensor([0.3, 0.8]), noise, flow.latent_ids(2, 4, 4), flow.text_ids(2, 8),
+            torch.full((2,), 3.5),
+        )
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
