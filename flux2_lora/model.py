@@ -312,7 +312,42 @@ def _tiny_tokenizer(family: str) -> Any:
         chat_template=_MISTRAL_TEMPLATE,
     )
     fast.padding_side = "left"
-    return fast
+    return _as_pixtral_processor(fast)
+
+
+def _as_pixtral_processor(tokenizer: Any) -> Any:
+    """Wrap the tokenizer in PixtralProcessor (FLUX.2-dev's real tokenizer class) when torchvision is present.
+
+    Without torchvision, transformers cannot build PixtralProcessor; the plain tokenizer then takes its place
+    (Flux2Pipeline only calls apply_chat_template on it). The wrapped processor is checked on a chat batch and
+    the plain tokenizer kept if anything about it fails.
+    """
+    try:
+        import torchvision  # noqa: F401
+        from transformers import PixtralImageProcessor, PixtralProcessor
+
+        processor = PixtralProcessor(
+            image_processor=PixtralImageProcessor(patch_size=8),
+            tokenizer=tokenizer,
+            patch_size=8,
+            spatial_merge_size=2,
+            chat_template=_MISTRAL_TEMPLATE,
+            image_token="[IMG]",
+        )
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        processor.apply_chat_template(
+            format_input(["a test"]),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=32,
+        )
+        return processor
+    except Exception:  # noqa: BLE001 - any failure means: keep the plain tokenizer
+        return tokenizer
 
 
 def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: int = 0) -> Path:

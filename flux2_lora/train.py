@@ -119,6 +119,12 @@ class Trainer:
         set_seed(r.training.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_output(self.out)
+            if not self.resume and ckpt.list_checkpoints(self.out / "checkpoints"):
+                raise ckpt.CheckpointError(
+                    f"output.dir: {self.out} already holds checkpoints; continue it with --resume latest "
+                    "or choose another --output"
+                )
             (self.out / "samples").mkdir(exist_ok=True)
             _write_recipe(self.out / "recipe.yaml", r)
         acc.wait_for_everyone()
@@ -450,6 +456,11 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        if self.is_main and (self.out / "metrics.jsonl").exists():
+            # Drop what the interrupted run logged after this checkpoint: those steps are trained again.
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
+            ckpt.atomic_write_text(self.out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
         self._print(f"resumed from {path} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------- logging
@@ -478,6 +489,28 @@ class Trainer:
                 import wandb
 
                 tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
+
+
+def _lock_output(out: Path) -> Any:
+    """Hold an exclusive lock on OUTPUT/.lock for the life of the run: two runs never write one folder."""
+    import fcntl
+    import os
+
+    fh = open(out / ".lock", "a+")  # noqa: SIM115 - kept open on purpose: the lock lives as long as the run
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise ckpt.CheckpointError(
+            f"output.dir: {out} is in use by a running job (pid {owner}); wait for it or choose another --output"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _quiet_libraries() -> None:

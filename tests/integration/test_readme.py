@@ -30,7 +30,9 @@ def test_quickstart_has_exactly_two_commands() -> None:
 def test_quickstart_commands_work_in_a_fresh_venv(tmp_path: Path) -> None:
     train_cmd, test_cmd = quickstart_commands()
     repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     for rel in files.stdout.split():
         if (ROOT / rel).is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)

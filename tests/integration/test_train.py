@@ -178,6 +178,22 @@ def test_kill_and_resume_gives_the_same_lora(tmp_path: Path, tiny_dev: Path, sam
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not (killed / "checkpoints" / ".tmp-step-99").exists()
+    # metrics.jsonl reads as one run: the steps logged after step 12 by the killed process were dropped.
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_an_output_folder_is_never_overwritten_or_shared(tmp_path: Path, run30: Path) -> None:
+    import fcntl
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run30, copy)
+    res = run_cli("train", *TINY, "--output", str(copy))
+    assert res.returncode == 2 and "already holds checkpoints" in res.stderr and "--resume latest" in res.stderr
+    with open(copy / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = run_cli("train", *TINY, "--output", str(copy), "--resume", "latest")
+    assert res.returncode == 2 and "in use by a running job" in res.stderr
 
 
 def test_resume_with_a_different_lora_is_refused(tmp_path: Path, run30: Path) -> None:
@@ -200,9 +216,21 @@ def test_klein_family_trains_and_loads(tmp_path: Path, tiny_klein: Path, sample_
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_base_with_gradient_checkpointing(tmp_path: Path, tiny_dev: Path, sample_data: Path, dtype: str) -> None:
+def test_half_precision_base_with_gradient_checkpointing(
+    tmp_path: Path, tiny_dev: Path, sample_data: Path, dtype: str
+) -> None:
     out = tmp_path / dtype
-    _train(out, "--dtype", dtype, "--model.gradient_checkpointing", "true", "--steps", "4", "--validation.every_n_steps", "0")
+    _train(
+        out,
+        "--dtype",
+        dtype,
+        "--model.gradient_checkpointing",
+        "true",
+        "--steps",
+        "4",
+        "--validation.every_n_steps",
+        "0",
+    )
     lora = load_file(str(out / "lora.safetensors"))
     assert all(torch.isfinite(t).all() for t in lora.values())
     assert (out / "samples" / "step-000004-grid.png").exists()
@@ -229,7 +257,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev: Path) -> None
         x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
         emb = torch.randn(2, 8, 48, generator=g)
         loss = flow.flow_loss(
-            model, x0, emb, torch.tensor([0.3, 0.8]), noise, flow.latent_ids(2, 4, 4), flow.text_ids(2, 8),
+            model,
+            x0,
+            emb,
+            torch.tensor([0.3, 0.8]),
+            noise,
+            flow.latent_ids(2, 4, 4),
+            flow.text_ids(2, 8),
             torch.full((2,), 3.5),
         )
         loss.backward()
