@@ -122,12 +122,7 @@ def _condense(err: BaseException) -> str:
 
 def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:
     parser = train_parser()
-    try:
-        ns = parser.parse_args(_expand_argv(argv))
-    except SystemExit:
-        raise
-    except Exception as e:  # jsonargparse.ArgumentError and the errors it wraps
-        raise CliError(_condense(e)) from None
+    ns = _parse(parser, _expand_argv(argv))
     resume = ns.pop("resume", None)
     ns.pop("config", None)
     ns.pop("__path__", None)
@@ -147,6 +142,16 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _parse(parser: Any, argv: list[str]) -> Any:
+    """parse_args with jsonargparse errors turned into one-line CliErrors (--help still exits normally)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        raise
+    except Exception as e:  # jsonargparse.ArgumentError and the errors it wraps
+        raise CliError(_condense(e)) from None
+
+
 def cmd_model(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
@@ -158,12 +163,7 @@ def cmd_model(argv: list[str]) -> int:
     p.add_argument("--out", type=str, required=True, help="Folder to write (diffusers save_pretrained layout).")
     p.add_argument("--family", type=str, default="dev", choices=["dev", "klein"], help="FLUX.2 family.")
     p.add_argument("--seed", type=int, default=0, help="Weight seed.")
-    try:
-        a = p.parse_args(argv[1:])
-    except SystemExit:
-        raise
-    except Exception as e:
-        raise CliError(_condense(e)) from None
+    a = _parse(p, argv[1:])
     from .model import make_tiny_pipeline
 
     print(make_tiny_pipeline(a.out, family=a.family, seed=a.seed))
@@ -178,12 +178,7 @@ def cmd_data(argv: list[str]) -> int:
     p = ArgumentParser(prog="flux2-lora data make-sample", exit_on_error=False, description="Write the sample dataset.")
     p.add_argument("--out", type=str, required=True, help="Folder to write.")
     p.add_argument("--count", type=int, default=12, help="Number of images.")
-    try:
-        a = p.parse_args(argv[1:])
-    except SystemExit:
-        raise
-    except Exception as e:
-        raise CliError(_condense(e)) from None
+    a = _parse(p, argv[1:])
     from .data.sample import make_sample_dataset
 
     print(make_sample_dataset(a.out, count=a.count))

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import RecipeError
+
 
 def encode_prompts(
     family: str,
@@ -30,7 +32,7 @@ def encode_prompts(
 
     n_layers = _text_encoder_layers(text_encoder)
     if max(layers) > n_layers:
-        raise ValueError(
+        raise RecipeError(
             f"model.text_encoder_layers: layer {max(layers)} requested but the text encoder has {n_layers} layers"
         )
     with torch.no_grad():

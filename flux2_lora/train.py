@@ -38,6 +38,7 @@ from .model import (
     pipeline_class,
     resolve_model,
 )
+from .plots import loss_plot, progress_sheet
 from .sampling import render_samples
 
 log = logging.getLogger("flux2_lora")
@@ -262,7 +263,8 @@ class Trainer:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                         # One host sync per optimizer step: skip the update on a NaN/inf loss or gradient.
-                        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+                        # (Reduced over processes so that every process takes the same decision.)
+                        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
                         if finite:
                             self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
@@ -282,7 +284,7 @@ class Trainer:
                 stop_reason = self.callbacks["nan_guard"].update(finite, step)
                 if step % r.logging.log_every == 0 or step == t.max_steps:
                     now = time.perf_counter()
-                    mean_loss = (loss_sum / max(loss_count, 1)).item()
+                    mean_loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # all processes
                     lr = self.lr_scheduler.get_last_lr()[0]
                     self._log(
                         {
@@ -301,7 +303,8 @@ class Trainer:
                 if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
                     val = self.validate_and_sample()
                     stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
-                stop_reason = stop_reason or self.callbacks["wall_clock"].update(step)
+                if r.callbacks.max_wall_time_minutes:
+                    stop_reason = stop_reason or self._agreed(self.callbacks["wall_clock"].update(step))
                 if step == t.max_steps or stop_reason:
                     break
                 if r.output.checkpoint_every and step % r.output.checkpoint_every == 0:
@@ -313,9 +316,19 @@ class Trainer:
             self.validate_and_sample()
         self.save_checkpoint()
         final = self.export(self.out / ckpt.LORA_FILE)
+        if self.is_main:
+            loss_plot(self.out / "metrics.jsonl", self.out / "loss.png")
+            progress_sheet(self.out / "samples", self.out / "samples" / "progress.png")
         acc.end_training()
         self._print(f"saved {final}")
         return final
+
+    def _agreed(self, reason: str) -> str:
+        """A stop decision taken by any process (e.g. its own clock) is taken by all of them."""
+        if self.accelerator.num_processes == 1:
+            return reason
+        flag = self.accelerator.reduce(torch.tensor(float(bool(reason)), device=self.device), reduction="sum")
+        return reason or ("another process asked to stop" if float(flag) > 0 else "")
 
     def _load_batch(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and prompt embeddings of one batch; flips and caption dropout drawn from the generator."""

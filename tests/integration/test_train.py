@@ -67,6 +67,11 @@ def test_a_30_step_run_writes_every_output(run30: Path) -> None:
     # Samples as PNG for each validation, and TensorBoard events.
     assert len(list((run30 / "samples").glob("step-000030-prompt-*.png"))) == 2
     assert (run30 / "samples" / "step-000030-grid.png").exists()
+    # Pictures of the run: loss curve and the sample progress sheet (one row per validation).
+    from PIL import Image
+
+    assert Image.open(run30 / "loss.png").size == (800, 450)
+    assert Image.open(run30 / "samples" / "progress.png").size[1] == 4 * 64
     assert list((run30 / "logs").rglob("events.out.tfevents.*"))
     # Nothing pickled anywhere in the output.
     assert not [p for p in run30.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt")]
@@ -271,3 +276,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev: Path) -> None
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_cpu(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
+    """`accelerate launch` with 2 gloo processes: one LoRA, losses averaged over processes, checkpoints once."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "flux2_lora", "train", *TINY, "--output", str(out), "--steps", "10",
+            "--validation.every_n_steps", "0", "--output.checkpoint_every", "5",
+        ],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert res.stdout.count("checkpoint saved") == 2  # only the main process writes
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [10]
+    assert len(load_file(str(out / "lora.safetensors"))) > 0
