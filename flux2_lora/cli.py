@@ -38,8 +38,13 @@ USAGE = """usage: flux2-lora COMMAND [ARGS]
 
 commands:
   train              train a FLUX.2 LoRA from a recipe (--preset NAME | --config FILE, dotted overrides)
-  model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
+  data validate      report every problem in a dataset folder (--fix OUT writes a cleaned copy)
+  data analyze       resolution, aspect and caption statistics, and a histogram PNG
+  data augment       caption-preserving flips, crops and colour jitter for small datasets
+  data shard         write webdataset tar shards of a validated folder
+  data cache         run the text encoder and VAE once into cached shards that `train --dataset` reads
   data make-sample   write the built-in sample dataset (coloured shapes with captions)
+  model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -171,17 +176,118 @@ def cmd_model(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
+    sub, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if sub == "validate":
+        from .data.validate import cmd_validate
+
+        return cmd_validate(rest)
+    if sub == "analyze":
+        from .data.analyze import cmd_analyze
+
+        return cmd_analyze(rest)
+    if sub == "augment":
+        from .data.augment import cmd_augment
+
+        return cmd_augment(rest)
+    if sub == "shard":
+        return _data_shard(rest)
+    if sub == "cache":
+        return _data_cache(rest)
+    if sub == "make-sample":
+        return _data_make_sample(rest)
+    raise CliError(
+        "data: expected one of validate, analyze, augment, shard, cache, make-sample (see `flux2-lora --help`)"
+    )
+
+
+def _data_make_sample(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    if not argv or argv[0] != "make-sample":
-        raise CliError("data: expected `data make-sample --out DIR`")
     p = ArgumentParser(prog="flux2-lora data make-sample", exit_on_error=False, description="Write the sample dataset.")
     p.add_argument("--out", type=str, required=True, help="Folder to write.")
     p.add_argument("--count", type=int, default=12, help="Number of images.")
-    a = _parse(p, argv[1:])
+    a = _parse(p, argv)
     from .data.sample import make_sample_dataset
 
     print(make_sample_dataset(a.out, count=a.count))
+    return 0
+
+
+def _data_shard(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="flux2-lora data shard",
+        exit_on_error=False,
+        description="Write webdataset tar shards of a dataset folder.",
+    )
+    p.add_argument("--dataset", type=str, required=True, help="Image folder (validated first).")
+    p.add_argument("--output", type=str, required=True, help="Folder for data-NNNNNN.tar shards.")
+    p.add_argument("--shard-size", type=int, default=1000, help="Samples per shard.")
+    p.add_argument("--instance-prompt", type=str | None, default=None, help="Caption for images without one.")
+    p.add_argument("--min-resolution", type=int, default=256, help="Smallest short side accepted by validation.")
+    a = _parse(p, argv)
+    from .data.folder import scan_folder
+    from .data.shards import write_raw_shards
+    from .data.validate import format_report, validate_dataset
+
+    report = validate_dataset(Path(a.dataset), min_resolution=a.min_resolution, instance_prompt=a.instance_prompt)
+    if report.has_errors:
+        print(format_report(report))
+        raise CliError(f"--dataset: {a.dataset} has errors (listed above); fix them or run `data validate --fix OUT`")
+    items = scan_folder(a.dataset, a.instance_prompt)
+    paths = write_raw_shards(items, Path(a.dataset), Path(a.output), a.shard_size)
+    print(f"wrote {len(items)} samples in {len(paths)} shards to {a.output}")
+    return 0
+
+
+def _data_cache(argv: list[str]) -> int:
+    """`data cache --shards S|--dataset D --output C [recipe flags]`: the cache stage alone, for reuse by `train`."""
+    out, rest, i = None, [], 0
+    while i < len(argv):
+        key, eq, val = argv[i].partition("=")
+        if key in ("--output", "--shards"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise CliError(f"{key}: needs a value")
+                val, i = argv[i + 1], i + 1
+            if key == "--output":
+                out = val
+            else:
+                rest += ["--data.dataset", val]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if out is None:
+        raise CliError("--output: required (the cache folder to write)")
+    recipe, _ = parse_train(rest)
+    import torch
+
+    from .data.cache import build_cache, settings_for
+    from .data.shards import is_shard_spec, iter_folder_samples, iter_raw_samples
+    from .model import resolve_model
+    from .train import resolve_dataset
+
+    src = resolve_model(recipe.model)
+    spec = recipe.data.dataset or ""
+    if is_shard_spec(spec):
+        source: Any = lambda: iter_raw_samples(spec, recipe.data.instance_prompt)  # noqa: E731
+    else:
+        from .data.folder import scan_folder
+
+        root = resolve_dataset(spec)
+        items = scan_folder(root, recipe.data.instance_prompt)
+        source = lambda: iter_folder_samples(items, root)  # noqa: E731
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.model.dtype]
+    index = build_cache(
+        Path(out), settings_for(src, recipe), source, device, dtype if device.type == "cuda" else torch.float32,
+        force_cpu_loading=recipe.model.force_cpu_loading,
+    )  # fmt: skip
+    print(
+        f"cache {index.root}: {index.num_train} training samples in {len(index.train)} shards, {len(index.val)} val shard(s)"
+    )
+    print(f"train from it with: flux2-lora train --dataset {index.root} [same recipe flags]")
     return 0
 
 

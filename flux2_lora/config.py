@@ -71,7 +71,8 @@ class DataArgs:
     """The training images and captions."""
 
     dataset: str | None = None
-    """Folder of images with same-named .txt captions, or `builtin:sample`."""
+    """Image folder (.txt captions or metadata.jsonl), raw shards (folder of .tar, `data-{000..009}.tar`,
+    `pipe:...`), a cache folder from `data cache`, or `builtin:sample`."""
     trigger: str | None = None
     """Trigger word prepended to every caption (e.g. `sks`)."""
     instance_prompt: str | None = None
@@ -88,6 +89,10 @@ class DataArgs:
     """Also cache a horizontally flipped copy of each image and pick one per sample, seeded."""
     holdout: int = 1
     """Images held out from training for the fixed-seed validation loss (0: use training images)."""
+    num_workers: int = 2
+    """DataLoader worker processes reading cached shards (a resume must use the same number)."""
+    shuffle_buffer: int = 256
+    """Samples held in each worker's shuffle buffer."""
 
 
 @dataclass
@@ -239,10 +244,12 @@ def validate(recipe: Recipe) -> None:
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     _require(d.dataset is not None, "data.dataset", "is required (a folder of images + .txt captions)")
     assert d.dataset is not None
-    if not d.dataset.startswith("builtin:"):
+    if d.dataset.startswith("pipe:") or "{" in d.dataset:
+        pass  # a shard pattern; expanded and checked when the data is read
+    elif not d.dataset.startswith("builtin:"):
         path = Path(d.dataset).expanduser()
         _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
-        _require(path.is_dir(), "data.dataset", f"{d.dataset} is not a folder")
+        _require(path.is_dir() or path.suffix == ".tar", "data.dataset", f"{d.dataset} is not a folder or a .tar shard")
     else:
         _require(d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)")
     _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
@@ -253,6 +260,8 @@ def validate(recipe: Recipe) -> None:
         f"must be a multiple of 16, got {d.resolution}",
     )
     _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
     _require(t.max_steps >= 1, "training.max_steps", f"must be >= 1, got {t.max_steps}")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(

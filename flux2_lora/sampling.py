@@ -42,8 +42,8 @@ def render_samples(trainer: Any, step: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     images = []
-    empty = trainer.train_cache.empty_embeds.unsqueeze(0).to(trainer.device, dtype)
-    for j, embeds in enumerate(trainer.train_cache.sample_embeds()):
+    empty = trainer.empty_embeds.unsqueeze(0).to(trainer.device, dtype)
+    for j, embeds in enumerate(trainer.sample_embeds):
         kwargs: dict[str, Any] = dict(
             prompt_embeds=embeds.unsqueeze(0).to(trainer.device, dtype),
             height=size,

@@ -7,11 +7,13 @@ killed run resumes to the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import random
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +21,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .callbacks import EarlyStopping, NanGuard, WallClock
 from .config import Recipe, cache_root, validate
-from .data.buckets import epoch_batches
-from .data.cache import Cache, build_cache
-from .data.folder import DataError, Item, scan_folder
+from .data.cache import CacheIndex, build_cache, check_settings, prompt_embeddings, read_index, settings_for
+from .data.folder import DataError, scan_folder
 from .data.sample import make_sample_dataset
+from .data.shards import is_shard_spec, iter_folder_samples, iter_raw_samples
+from .data.stream import CachedBatches, batches_per_rank, collate
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
@@ -62,12 +66,15 @@ def resolve_dataset(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def split_holdout(items: list[Item], holdout: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """Held-out items for the validation loss; with holdout 0 (or too few images) validate on training items."""
-    if holdout == 0 or len(items) <= holdout:
-        return items, items[: max(1, min(len(items), 4))]
-    held = set(random.Random(seed).sample(range(len(items)), holdout))
-    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+def _stat_urls(spec: str) -> list[str]:
+    """Local shards' size and mtime (so a rewritten shard gives a new cache); remote ones by URL only."""
+    from .data.shards import expand_spec
+
+    out = []
+    for u in expand_spec(spec):
+        p = Path(u)
+        out.append(f"{u}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else u)
+    return out
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
@@ -130,31 +137,20 @@ class Trainer:
             _write_recipe(self.out / "recipe.yaml", r)
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
-        dataset = resolve_dataset(r.data.dataset or "")
-        items = scan_folder(dataset, r.data.instance_prompt)
-        train_items, val_items = split_holdout(items, r.data.holdout, r.training.seed)
-        self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
-        self._print(f"data  {dataset}: {len(train_items)} training, {len(val_items)} validation images")
-
-        # Cache stage: text encoder and VAE run once, then are freed before the transformer loads.
+        # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
+        # before the transformer loads. Training reads only the cached shards.
+        self.index = self._prepare_cache()
         text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
-        common = dict(
-            src=self.src,
-            trigger=r.data.trigger,
-            resolution=r.data.resolution,
-            buckets=r.data.buckets,
-            max_sequence_length=r.model.max_sequence_length,
-            sample_prompts=r.validation.prompts,
-            device=self.device,
-            text_dtype=text_dtype,
-            is_main=self.is_main,
-            wait=acc.wait_for_everyone,
-            force_cpu_loading=r.model.force_cpu_loading,
+        if self.is_main:
+            prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading)
+        acc.wait_for_everyone()
+        self.sample_embeds = prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype)
+        self.empty_embeds = self.index.extra()["empty"]
+        self.val_samples = self.index.val_samples()
+        self._print(
+            f"data  {r.data.dataset}: {self.index.num_train} training, {len(self.val_samples)} validation samples "
+            f"(cache {self.index.root})"
         )
-        self.train_cache: Cache = build_cache(
-            self.out / "cache", items=train_items, random_flip=r.data.random_flip, **common
-        )  # type: ignore[arg-type]
-        self.val_cache: Cache = build_cache(self.out / "cache", items=val_items, random_flip=False, **common)  # type: ignore[arg-type]
 
         # Transformer + LoRA.
         # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
@@ -177,13 +173,28 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
         self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
 
-        # Data order: items repeated, batches from (seed, epoch); each process takes every world-th batch.
-        self.index = [i for i in range(len(self.train_cache)) for _ in range(r.data.repeats)]
-        self.batches_per_epoch = len(self._epoch(0))
+        # Data: cached shards streamed by a DataLoader, split by rank and worker, one bucket per batch.
+        self.train_data = CachedBatches(
+            self.index, r.training.batch_size, r.training.seed, acc.process_index, acc.num_processes,
+            r.data.shuffle_buffer,
+        )  # fmt: skip
+        self.loader = DataLoader(
+            self.train_data,
+            batch_size=None,
+            num_workers=r.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator: each iter() of a DataLoader draws a worker seed, which must not come from
+            # torch's global RNG (LoRA dropout uses that one, and a resume starts iterating mid-epoch).
+            generator=torch.Generator().manual_seed(r.training.seed),
+        )
+        counts = batches_per_rank(self.index, r.training.batch_size, acc.num_processes, r.data.num_workers)
+        self.batches_per_epoch = max(counts) * r.data.repeats
         if self.batches_per_epoch == 0:
-            raise DataError(
-                f"training.batch_size: {r.training.batch_size} x {acc.num_processes} processes is more than any "
-                "bucket's image count; lower it, add images, or set data.buckets false"
+            raise DataError(f"data.dataset: {r.data.dataset} has no training samples after the holdout")
+        if min(counts) < max(counts):
+            self._print(
+                f"data  batches per rank differ ({min(counts)}..{max(counts)}): shorter ranks take zero-weight steps; "
+                "write at least (processes x workers) shards of similar size to avoid it"
             )
         self.guidance = (
             torch.full((1,), r.training.guidance_scale, device=self.device)
@@ -205,12 +216,48 @@ class Trainer:
             acc.init_trackers(r.logging.wandb_project, config=_flat(r.to_dict()), init_kwargs=init_kwargs)
         self.metrics_file = self.out / "metrics.jsonl"
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        sizes = [self.train_cache.sizes[i] for i in self.index]
-        batches = epoch_batches(sizes, self.recipe.training.batch_size, self.recipe.training.seed, epoch)
-        per_rank = len(batches) // acc.num_processes
-        return [[self.index[i] for i in b] for b in batches[acc.process_index :: acc.num_processes][:per_rank]]
+    def _prepare_cache(self) -> CacheIndex:
+        """The cached shards for this recipe: an existing cache folder (checked), or built from a folder or shards."""
+        r, acc = self.recipe, self.accelerator
+        spec = r.data.dataset or ""
+        settings = settings_for(self.src, r)
+        if spec != "builtin:sample" and (Path(spec).expanduser() / "index.json").exists():
+            index = read_index(Path(spec).expanduser())
+            check_settings(index, settings)
+            return index
+        if is_shard_spec(spec):
+            source = lambda: iter_raw_samples(spec, r.data.instance_prompt)  # noqa: E731
+            source_id = spec + "".join(f"|{u}" for u in _stat_urls(spec))
+        else:
+            root = resolve_dataset(spec)
+            items = scan_folder(root, r.data.instance_prompt)
+            source = lambda: iter_folder_samples(items, root)  # noqa: E731
+            source_id = json.dumps(
+                [[str(i.image), i.image.stat().st_size, i.image.stat().st_mtime_ns, i.caption] for i in items]
+            )
+        cache_dir = self.out / "cache" / settings.digest(source_id)
+        if self.is_main:
+            text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
+            build_cache(
+                cache_dir, settings, source, self.device, text_dtype, force_cpu_loading=r.model.force_cpu_loading
+            )
+        acc.wait_for_everyone()
+        return read_index(cache_dir)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[dict[str, Any], float]]:
+        """(batch, weight) for one epoch: `repeats` passes over this rank's shards, then zero-weight padding."""
+        n = 0
+        last: dict[str, Any] | None = None
+        for k in range(self.recipe.data.repeats):
+            self.train_data.set_epoch(epoch * self.recipe.data.repeats + k)
+            for batch in self.loader:
+                n += 1
+                last = batch
+                yield batch, 1.0
+        pad = last if last is not None else collate(self.val_samples[:1])
+        while n < self.batches_per_epoch:
+            n += 1
+            yield pad, 0.0
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> Path:
@@ -236,12 +283,11 @@ class Trainer:
         stop_reason = ""
         while self.state.step < t.max_steps and not stop_reason:
             epoch, skip = divmod(micro, self.batches_per_epoch)
-            for batch in self._epoch(epoch)[skip:]:
+            for batch, weight in itertools.islice(self._epoch_batches(epoch), skip, None):
                 micro += 1
                 latents, embeds = self._load_batch(batch)
-                sigmas = sample_sigmas(
-                    len(batch), t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale
-                )
+                n = len(latents)
+                sigmas = sample_sigmas(n, t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale)
                 noise = torch.randn(latents.shape, generator=self.generator)
                 img_ids, txt_ids = self._position_ids(latents, embeds)
                 with acc.accumulate(self.model):
@@ -254,9 +300,11 @@ class Trainer:
                         noise.to(self.device, non_blocking=True),
                         img_ids,
                         txt_ids,
-                        self.guidance.expand(len(batch)) if self.guidance is not None else None,
+                        self.guidance.expand(n) if self.guidance is not None else None,
                         t.loss_weighting,
                     )
+                    if weight != 1.0:  # padding step of a rank whose shards ran out: no gradient
+                        loss = loss * weight
                     acc.backward(loss)
                     step_loss += loss.detach()
                     if acc.sync_gradients:
@@ -330,17 +378,16 @@ class Trainer:
         flag = self.accelerator.reduce(torch.tensor(float(bool(reason)), device=self.device), reduction="sum")
         return reason or ("another process asked to stop" if float(flag) > 0 else "")
 
-    def _load_batch(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and prompt embeddings of one batch; flips and caption dropout drawn from the generator."""
         d = self.recipe.data
-        lat, emb = [], []
-        for i in batch:
-            item = self.train_cache.item(i)
-            flip = d.random_flip and bool(torch.rand((), generator=self.generator) < 0.5)
-            drop = d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout)
-            lat.append(item["latents_flip"] if flip else item["latents"])
-            emb.append(self.train_cache.empty_embeds if drop else item["prompt_embeds"])
-        return torch.stack(lat), torch.stack(emb)
+        latents, embeds = batch["latents"].clone(), batch["prompt_embeds"].clone()
+        for j in range(len(latents)):
+            if d.random_flip and bool(torch.rand((), generator=self.generator) < 0.5):
+                latents[j] = batch["latents_flip"][j]
+            if d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout):
+                embeds[j] = self.empty_embeds
+        return latents, embeds
 
     def _position_ids(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and text ids, built once per (batch, grid) shape and kept on the device."""
@@ -359,8 +406,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         total, n = 0.0, 0
-        for i in range(len(self.val_cache)):
-            item = self.val_cache.item(i)
+        for i, item in enumerate(self.val_samples):
             g = torch.Generator().manual_seed(v.seed + i)
             x0 = item["latents"].unsqueeze(0)
             noise = torch.randn(x0.shape, generator=g)
@@ -429,6 +475,7 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
                 "world_size": acc.num_processes,
+                "num_workers": self.recipe.data.num_workers,
                 "recipe": self.recipe.to_dict(),
             }
             rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -460,6 +507,11 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"--resume: {path} was written by {state.get('world_size')} processes, this run has "
                 f"{self.accelerator.num_processes}; the data position cannot carry over exactly"
+            )
+        if state.get("num_workers", self.recipe.data.num_workers) != self.recipe.data.num_workers:
+            raise ckpt.CheckpointError(
+                f"--resume: {path} was written with data.num_workers={state['num_workers']}; resume with the same "
+                "value (the data position depends on it)"
             )
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for k, cb in self.callbacks.items():
@@ -507,11 +559,11 @@ class Trainer:
 def _lock_output(out: Path) -> Any:
     """Hold an exclusive lock on OUTPUT/.lock for the life of the run: two runs never write one folder."""
     import fcntl
-    import os
 
     fh = open(out / ".lock", "a+")  # noqa: SIM115 - kept open on purpose: the lock lives as long as the run
     try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock: released when this process dies, and not inherited by forked data workers.
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.seek(0)
         owner = fh.read().strip() or "another process"

@@ -1,10 +1,17 @@
-"""The cache stage: prompt embeddings and VAE latents computed once, then the encoders are freed.
+"""The cache stage: the text encoder and the VAE run once over the dataset, then are freed.
 
-Each item becomes `OUTPUT/cache/<fingerprint>/<i>.safetensors` (latents, optionally the flipped
-latents, and the prompt embedding); `extra.safetensors` holds the empty-prompt embedding (caption
-dropout, negative prompt) and the sample prompts' embeddings. The fingerprint covers the model, the
-text layers, the resolution and every image's path, size, mtime and caption, so a resumed run reuses
-the cache and a changed dataset rebuilds it.
+Output is a folder of webdataset shards that training reads as its one data path:
+
+  index.json              settings the cache was made with + every shard's samples (key, bucket)
+  train-NNNNNN.tar        samples: <key>.safetensors (latents, [latents_flip], prompt_embeds) + <key>.json
+  val-NNNNNN.tar          the held-out samples for the fixed-seed validation loss
+  extra.safetensors       the empty-prompt embedding (caption dropout, negative prompt)
+  prompts-<hash>.safetensors  sample-prompt embeddings for one list of validation prompts
+
+The settings (model, text layers, sequence length, resolution, buckets, flips, holdout) are stored and
+checked: a cache made with other settings is refused with the difference named, never silently reused.
+Pass 1 runs the text encoder over the distinct captions (embeddings spill to a temp folder, so memory
+stays flat); pass 2 runs the VAE over the images and writes the shards.
 """
 
 from __future__ import annotations
@@ -12,21 +19,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
 
 from ..flow import encode_images, encode_prompts
 from ..model import ModelSource, free, load_text_encoder, load_vae
 from .buckets import bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
-from .folder import Item, load_image
+from .folder import DataError
+from .shards import CACHE_MEMBERS, RawSample, iter_tar
 
 TEXT_BATCH = 8
+CACHE_VERSION = 1
 
 
 def full_caption(caption: str, trigger: str | None) -> str:
@@ -36,143 +47,267 @@ def full_caption(caption: str, trigger: str | None) -> str:
     return f"{trigger} {caption}".strip()
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything that changes what is in the cache. Stored in index.json and compared on use."""
+
+    model: str
+    family: str
+    text_layers: tuple[int, ...]
+    max_sequence_length: int
+    resolution: int
+    buckets: tuple[tuple[int, int], ...]
+    random_flip: bool
+    trigger: str
+    holdout: int
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["text_layers"] = list(self.text_layers)
+        d["buckets"] = [list(b) for b in self.buckets]
+        return d
+
+    def digest(self, source: str) -> str:
+        return hashlib.sha256(json.dumps([self.to_json(), source], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
+    d = recipe.data
+    return CacheSettings(
+        model=str(src.path.resolve()),
+        family=src.family,
+        text_layers=tuple(src.text_layers),
+        max_sequence_length=recipe.model.max_sequence_length,
+        resolution=d.resolution,
+        buckets=tuple(bucket_sizes(d.resolution, d.buckets)),
+        random_flip=d.random_flip,
+        trigger=d.trigger or "",
+        holdout=d.holdout,
+        seed=recipe.training.seed,
+    )
+
+
 @dataclass
-class Cache:
-    """Cached training items on disk, loaded per batch (memory stays flat for large datasets)."""
+class ShardInfo:
+    url: str
+    samples: list[tuple[str, int, int]]  # key, bucket width, bucket height
 
-    dir: Path
-    sizes: list[tuple[int, int]]  # (width, height) per item
-    captions: list[str]
-    has_flip: bool
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def item(self, i: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.dir / f"{i}.safetensors"))
+@dataclass
+class CacheIndex:
+    root: Path
+    settings: dict[str, Any]
+    train: list[ShardInfo]
+    val: list[ShardInfo]
 
     @property
-    def empty_embeds(self) -> torch.Tensor:
-        return self.extra["empty"]
+    def num_train(self) -> int:
+        return sum(len(s.samples) for s in self.train)
 
-    def sample_embeds(self) -> list[torch.Tensor]:
-        n = sum(1 for k in self.extra if k.startswith("prompt."))
-        return [self.extra[f"prompt.{j}"] for j in range(n)]
+    def extra(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.root / "extra.safetensors"))
+
+    def val_samples(self) -> list[dict[str, Any]]:
+        return [s for info in self.val for s in read_cached_shard(str(self.root / info.url))]
 
 
-def fingerprint(
-    src: ModelSource,
-    items: list[Item],
-    captions: list[str],
-    resolution: int,
-    buckets: bool,
-    flip: bool,
-    max_len: int,
-    prompts: list[str],
-) -> str:
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [str(src.path.resolve()), src.family, list(src.text_layers), resolution, buckets, flip, max_len, prompts]
-        ).encode()
-    )
-    for it, cap in zip(items, captions, strict=True):
-        st = it.image.stat()
-        h.update(json.dumps([str(it.image.resolve()), st.st_size, st.st_mtime_ns, cap]).encode())
-    return h.hexdigest()[:16]
+def read_index(root: Path) -> CacheIndex:
+    path = root / "index.json"
+    if not path.exists():
+        raise DataError(f"{root}: not a flux2-lora cache (no index.json); make one with `flux2-lora data cache`")
+    d = json.loads(path.read_text())
+    if d.get("version") != CACHE_VERSION:
+        raise DataError(f"{path}: cache version {d.get('version')} is not {CACHE_VERSION}; rebuild it")
+
+    def infos(key: str) -> list[ShardInfo]:
+        return [ShardInfo(s["url"], [tuple(x) for x in s["samples"]]) for s in d[key]]  # type: ignore[misc]
+
+    return CacheIndex(root=root, settings=d["settings"], train=infos("train"), val=infos("val"))
+
+
+def check_settings(index: CacheIndex, expected: CacheSettings) -> None:
+    """Refuse a cache made with other settings, naming what differs."""
+    want = expected.to_json()
+    diff = [
+        f"{k}: cache has {index.settings.get(k)!r}, recipe wants {v!r}"
+        for k, v in want.items()
+        if index.settings.get(k) != v
+    ]
+    if diff:
+        raise DataError(f"{index.root}: stale cache ({'; '.join(diff)}); rebuild it with `flux2-lora data cache`")
+
+
+def decode_cached(sample: dict[str, Any]) -> dict[str, Any]:
+    """A cached-shard sample -> {'key', 'bucket', 'caption', 'latents', 'prompt_embeds', ['latents_flip']}."""
+    from safetensors.torch import load
+
+    tensors = load(sample["safetensors"])
+    meta = json.loads(sample["json"])
+    return {"key": sample["__key__"], "bucket": tuple(meta["bucket"]), "caption": meta["caption"], **tensors}
+
+
+def read_cached_shard(url: str) -> Iterator[dict[str, Any]]:
+    for s in iter_tar(url, CACHE_MEMBERS):
+        yield decode_cached(s)
 
 
 def build_cache(
-    root: Path,
-    src: ModelSource,
-    items: list[Item],
-    trigger: str | None,
-    resolution: int,
-    buckets: bool,
-    random_flip: bool,
-    max_sequence_length: int,
-    sample_prompts: list[str],
+    out: Path,
+    settings: CacheSettings,
+    samples: Callable[[], Iterator[RawSample]],
     device: torch.device,
     text_dtype: torch.dtype,
-    is_main: bool = True,
-    wait: Any = None,
+    shard_size: int = 1000,
     force_cpu_loading: bool = False,
-) -> Cache:
-    """Encode every item once (main process), reuse an existing complete cache, free the encoders."""
-    captions = [full_caption(it.caption, trigger) for it in items]
-    prompts = [full_caption(p, None) for p in sample_prompts]
-    fp = fingerprint(src, items, captions, resolution, buckets, random_flip, max_sequence_length, prompts)
-    cache_dir = root / fp
-    sizes_all = bucket_sizes(resolution, buckets)
-    done = cache_dir / "index.json"
-    if is_main and not done.exists():
-        _encode(
-            cache_dir, src, items, captions, prompts, sizes_all, random_flip, max_sequence_length, device, text_dtype
-        )
-    if wait is not None:
-        wait()
-    index = json.loads(done.read_text())
-    return Cache(
-        dir=cache_dir,
-        sizes=[tuple(s) for s in index["sizes"]],  # type: ignore[misc]
-        captions=index["captions"],
-        has_flip=index["flip"],
-        extra=load_file(str(cache_dir / "extra.safetensors")),
-    )
+) -> CacheIndex:
+    """Encode every sample once into cached shards under `out` (written to out.tmp, then renamed).
 
-
-def _encode(
-    cache_dir: Path,
-    src: ModelSource,
-    items: list[Item],
-    captions: list[str],
-    prompts: list[str],
-    sizes_all: list[tuple[int, int]],
-    random_flip: bool,
-    max_len: int,
-    device: torch.device,
-    text_dtype: torch.dtype,
-    force_cpu_loading: bool = False,
-) -> None:
-    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
+    `samples` is called twice (pass 1: captions, pass 2: images) and must yield the same order both times.
+    """
+    if (out / "index.json").exists():
+        index = read_index(out)
+        check_settings(index, settings)
+        return index
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    # 1. Text encoder: every distinct caption, the empty prompt, the sample prompts. Then free it.
+    (tmp / "embeds").mkdir(parents=True)
+    src = ModelSource(Path(settings.model), settings.family, settings.text_layers, "")
     load_on = None if force_cpu_loading else device
+
+    # Pass 1: keys and captions; the text encoder embeds each distinct caption once (spilled to disk).
+    keys: list[str] = []
+    captions: dict[str, str] = {}
+    for s in tqdm(samples(), desc="cache: scan", unit="img", leave=False):
+        if s.key in captions:
+            raise DataError(f"{s.key}: duplicate sample key in the dataset")
+        keys.append(s.key)
+        captions[s.key] = full_caption(s.caption, settings.trigger or None)
+    if not keys:
+        raise DataError("dataset: no samples")
+    unique = sorted(set(captions.values()) | {""})
     text_encoder, tokenizer = load_text_encoder(src, text_dtype, load_on)
     text_encoder.to(device)
-    unique = sorted(set(captions) | set(prompts) | {""})
-    embeds: dict[str, torch.Tensor] = {}
     for j in tqdm(range(0, len(unique), TEXT_BATCH), desc="cache: prompts", unit="batch", leave=False):
         chunk = unique[j : j + TEXT_BATCH]
-        out = encode_prompts(src.family, text_encoder, tokenizer, chunk, src.text_layers, max_len)
-        for text, e in zip(chunk, out, strict=True):
-            embeds[text] = e.to("cpu").contiguous()
+        out_emb = encode_prompts(
+            src.family, text_encoder, tokenizer, chunk, src.text_layers, settings.max_sequence_length
+        )
+        for text, e in zip(chunk, out_emb, strict=True):
+            save_file({"prompt_embeds": e.to("cpu").contiguous()}, str(tmp / "embeds" / f"{_h(text)}.safetensors"))
     free(text_encoder)
     del text_encoder, tokenizer
+    save_file(
+        {"empty": load_file(str(tmp / "embeds" / f"{_h('')}.safetensors"))["prompt_embeds"]},
+        str(tmp / "extra.safetensors"),
+    )
 
-    # 2. VAE: each image at its bucket size (and flipped when asked). Then free it.
+    # Held-out keys: a seeded choice over the sorted keys (independent of source order).
+    holdout = (
+        set(random.Random(settings.seed).sample(sorted(keys), settings.holdout))
+        if 0 < settings.holdout < len(keys)
+        else set()
+    )
+
+    # Pass 2: the VAE encodes every image at its bucket; samples go to train or val shards.
     vae = load_vae(src, device=load_on).to(device)
-    sizes: list[tuple[int, int]] = []
-    for i, (it, cap) in enumerate(
-        tqdm(list(zip(items, captions, strict=True)), desc="cache: latents", unit="img", leave=False)
-    ):
-        image = load_image(it.image)
-        size = nearest_bucket(image.width, image.height, sizes_all)
-        pixels = to_tensor(resize_to_bucket(image, size)).unsqueeze(0)
-        tensors = {"latents": encode_images(vae, pixels)[0].to("cpu").contiguous(), "prompt_embeds": embeds[cap]}
-        if random_flip:
+    writers = {"train": _ShardWriter(tmp, "train", shard_size), "val": _ShardWriter(tmp, "val", shard_size)}
+    sizes = list(settings.buckets)
+    for s in tqdm(samples(), total=len(keys), desc="cache: latents", unit="img", leave=False):
+        from .shards import open_image
+
+        image = open_image(s.image, name=s.key)
+        bucket = nearest_bucket(image.width, image.height, sizes)
+        pixels = to_tensor(resize_to_bucket(image, bucket)).unsqueeze(0)
+        tensors = {
+            "latents": encode_images(vae, pixels)[0].to("cpu").contiguous(),
+            "prompt_embeds": load_file(str(tmp / "embeds" / f"{_h(captions[s.key])}.safetensors"))["prompt_embeds"],
+        }
+        if settings.random_flip:
             tensors["latents_flip"] = encode_images(vae, pixels.flip(-1))[0].to("cpu").contiguous()
-        save_file(tensors, str(tmp / f"{i}.safetensors"))
-        sizes.append(size)
+        meta = {"bucket": list(bucket), "caption": captions[s.key]}
+        writers["val" if s.key in holdout else "train"].write(s.key, tensors, meta, bucket)
     free(vae)
     del vae
+    shards = {k: w.close() for k, w in writers.items()}
+    if not shards["val"]:  # no holdout: validate on (up to 4 of) the training samples
+        first = shards["train"][0]
+        _copy_first(tmp / first.url, tmp / "val-000000.tar", 4)
+        shards["val"] = [ShardInfo("val-000000.tar", first.samples[:4])]
+    shutil.rmtree(tmp / "embeds")
+    index_json = {
+        "version": CACHE_VERSION,
+        "settings": settings.to_json(),
+        "train": [{"url": i.url, "samples": [list(x) for x in i.samples]} for i in shards["train"]],
+        "val": [{"url": i.url, "samples": [list(x) for x in i.samples]} for i in shards["val"]],
+    }
+    (tmp / "index.json").write_text(json.dumps(index_json))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return read_index(out)
 
-    extra = {"empty": embeds[""]}
-    extra.update({f"prompt.{j}": embeds[p] for j, p in enumerate(prompts)})
-    save_file(extra, str(tmp / "extra.safetensors"))
-    (tmp / "index.json").write_text(json.dumps({"sizes": sizes, "captions": captions, "flip": random_flip}))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(tmp, cache_dir)
+
+def prompt_embeddings(
+    index: CacheIndex,
+    prompts: list[str],
+    device: torch.device,
+    text_dtype: torch.dtype,
+    force_cpu_loading: bool = False,
+) -> list[torch.Tensor]:
+    """Embeddings of the sample prompts, computed once per prompt list and kept in the cache folder."""
+    if not prompts:
+        return []
+    path = index.root / f"prompts-{_h(json.dumps(prompts))[:16]}.safetensors"
+    if not path.exists():
+        st = index.settings
+        src = ModelSource(Path(st["model"]), st["family"], tuple(st["text_layers"]), "")
+        text_encoder, tokenizer = load_text_encoder(src, text_dtype, None if force_cpu_loading else device)
+        text_encoder.to(device)
+        emb = encode_prompts(src.family, text_encoder, tokenizer, prompts, src.text_layers, st["max_sequence_length"])
+        free(text_encoder)
+        tmp = path.with_name("." + path.name)
+        save_file({f"prompt.{j}": e.to("cpu").contiguous() for j, e in enumerate(emb)}, str(tmp))
+        os.replace(tmp, path)
+    t = load_file(str(path))
+    return [t[f"prompt.{j}"] for j in range(len(prompts))]
+
+
+def _h(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _copy_first(src: Path, dst: Path, n: int) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(dst)) as w:
+        for k, s in enumerate(iter_tar(str(src), CACHE_MEMBERS)):
+            if k >= n:
+                break
+            w.write({key: v for key, v in s.items() if key in ("__key__", "safetensors", "json")})
+
+
+class _ShardWriter:
+    """Writes `<prefix>-NNNNNN.tar` cached shards of `size` samples and remembers their index entries."""
+
+    def __init__(self, root: Path, prefix: str, size: int):
+        self.root, self.prefix, self.size = root, prefix, size
+        self.infos: list[ShardInfo] = []
+        self.writer: Any = None
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], bucket: tuple[int, int]) -> None:
+        import webdataset as wds
+
+        if self.writer is None or len(self.infos[-1].samples) >= self.size:
+            if self.writer is not None:
+                self.writer.close()
+            name = f"{self.prefix}-{len(self.infos):06d}.tar"
+            self.infos.append(ShardInfo(name, []))
+            self.writer = wds.TarWriter(str(self.root / name))
+        self.writer.write({"__key__": key, "safetensors": save(tensors), "json": json.dumps(meta).encode()})
+        self.infos[-1].samples.append((key, bucket[0], bucket[1]))
+
+    def close(self) -> list[ShardInfo]:
+        if self.writer is not None:
+            self.writer.close()
+        return self.infos

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 # Transparent pixels are composited onto this background before training.
@@ -36,6 +41,23 @@ def read_caption(path: Path) -> str:
     return " ".join(text.split())
 
 
+def read_metadata(root: Path) -> dict[str, str]:
+    """Captions from an optional root/metadata.jsonl ({"file_name": "rel/path.png", "text": "..."} per line)."""
+    path = root / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    captions: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            captions[str(rec["file_name"])] = " ".join(str(rec["text"]).split())
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}:{n}: not a JSON object with file_name and text") from None
+    return captions
+
+
 def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[Item]:
     """Image/caption pairs under root, sorted by relative path.
 
@@ -45,12 +67,21 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
+    metadata = read_metadata(root)
     items: list[Item] = []
     for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-        if path.is_symlink() or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.is_symlink():
+            log.warning("%s: symlink refused, not followed (run `flux2-lora data validate`)", path)
+            continue
+        if not path.is_file():
             continue
         caption_file = path.with_suffix(".txt")
-        if caption_file.exists():
+        rel = path.relative_to(root).as_posix()
+        if rel in metadata:
+            caption = metadata[rel]
+        elif caption_file.exists():
             caption = read_caption(caption_file)
             if not caption:
                 if instance_prompt is None:
@@ -66,10 +97,17 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
     return items
 
 
-def load_image(path: Path) -> Image.Image:
-    """RGB image with EXIF orientation applied; alpha composited onto ALPHA_BACKGROUND; first frame only."""
+def load_image(source: Path | IO[bytes], name: str | None = None) -> Image.Image:
+    """RGB image with EXIF orientation applied; alpha composited onto ALPHA_BACKGROUND.
+
+    Animated files (GIF/APNG/WebP) use their first frame, with a warning. 16-bit images are scaled to
+    8 bits; CMYK and palette images are converted to RGB.
+    """
+    label = name or str(source)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                log.warning("%s: animated image, training on its first frame", label)
             im.seek(0)
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -77,8 +115,8 @@ def load_image(path: Path) -> Image.Image:
                 bg = Image.new("RGB", im.size, ALPHA_BACKGROUND)
                 bg.paste(im, mask=im.getchannel("A"))
                 return bg
-            if im.mode == "I;16" or im.mode == "I":
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{label}: cannot read image ({e})") from None

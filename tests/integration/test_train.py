@@ -196,7 +196,7 @@ def test_an_output_folder_is_never_overwritten_or_shared(tmp_path: Path, run30: 
     res = run_cli("train", *TINY, "--output", str(copy))
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr and "--resume latest" in res.stderr
     with open(copy / ".lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         res = run_cli("train", *TINY, "--output", str(copy), "--resume", "latest")
     assert res.returncode == 2 and "in use by a running job" in res.stderr
 

@@ -1,0 +1,793 @@
+"""`flux2-lora data validate`: every problem in a dataset folder, one line each, and an optional cleaned copy.
+
+Nothing here raises for a bad file: each check is caught per file and becomes a `Problem`. Errors are what would
+stop or corrupt training (the exit code is 1 when there is one); warnings are worth a look but train fine.
+Symbolic links are refused and never followed: their targets are not opened, stat-ed or resolved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .folder import IMAGE_EXTENSIONS, DataError, load_image
+
+Severity = Literal["error", "warning"]
+
+CAPTION_SUFFIX = ".txt"
+METADATA_FILE = "metadata.jsonl"
+FIXES_FILE = "FIXES.txt"
+DEFAULT_MAX_TOKENS = 512  # model.max_sequence_length: the text encoder's prompt length, template included
+BOM = b"\xef\xbb\xbf"
+# Picture formats training does not read: a dataset file with one of these is silently skipped, so it is an error.
+OTHER_IMAGE_EXTENSIONS = {
+    ".gif", ".bmp", ".dib", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jfif", ".jpe",
+    ".pjpeg", ".ico", ".psd", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".exr", ".hdr", ".svg", ".dng", ".cr2",
+    ".cr3", ".nef", ".arw", ".orf", ".raf", ".rw2", ".apng", ".qoi", ".dds",
+}  # fmt: skip
+# Leading bytes of picture files, to catch images whose name hides them (`photo`, `photo.dat`).
+MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+IGNORED_SUFFIXES = {".json", ".jsonl"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    severity: Severity
+    code: str
+    reason: str
+
+
+@dataclass
+class Report:
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    n_images: int = 0
+    n_ok: int = 0
+
+    @property
+    def has_errors(self) -> bool:
+        return any(p.severity == "error" for p in self.problems)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(p.severity == "error" for p in self.problems)
+
+    @property
+    def n_warnings(self) -> int:
+        return sum(p.severity == "warning" for p in self.problems)
+
+    def codes(self, path: Path) -> list[str]:
+        return [p.code for p in self.problems if p.path == path]
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The caption an image trains with: text (normalised; None when missing or unusable) and where it came from."""
+
+    text: str | None
+    source: Path | None  # the .txt file, metadata.jsonl, or None when there is none
+    bom: bool = False
+    raw_text: str | None = None  # decoded text before whitespace normalisation
+
+
+# ---------------------------------------------------------------------------------------------- walking the folder
+
+
+def dataset_root(root: str | os.PathLike[str]) -> Path:
+    """The dataset folder, resolved; a missing one is a one-line DataError."""
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset folder does not exist")
+    return path.resolve()
+
+
+def walk(root: Path) -> tuple[list[Path], list[Problem]]:
+    """Every entry below root (files, symlinks, special files), sorted by relative path; symlinks are not followed."""
+    found: list[Path] = []
+    problems: list[Problem] = []
+
+    def on_error(e: OSError) -> None:
+        where = Path(e.filename) if e.filename else root
+        problems.append(Problem(where, "error", "unreadable", f"cannot list folder ({e.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        dirnames.sort()
+        base = Path(dirpath)
+        found += [base / d for d in dirnames if (base / d).is_symlink()]  # listed, never entered
+        found += [base / f for f in filenames]
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    return found, problems
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def image_files(root: Path) -> list[Path]:
+    """The regular (non-symlink) files training reads as images, in training's order."""
+    out = []
+    for path in walk(root)[0]:
+        if path.suffix.lower() in IMAGE_EXTENSIONS and _is_regular(path):
+            out.append(path)
+    return out
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- captions
+
+
+def decode_caption(raw: bytes) -> tuple[str, bool]:
+    """(text, had_bom); raises UnicodeDecodeError for non-UTF-8 bytes."""
+    bom = raw.startswith(BOM)
+    return raw[len(BOM) :].decode("utf-8") if bom else raw.decode("utf-8"), bom
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_metadata(root: Path) -> tuple[dict[Path, tuple[str, int]], list[Problem]]:
+    """Captions from root/metadata.jsonl: {image path: (text, line number)} and a Problem per bad line."""
+    meta_path = root / METADATA_FILE
+    if not os.path.lexists(meta_path) or meta_path.is_symlink() or not meta_path.is_file():
+        return {}, []
+    try:
+        text, _ = decode_caption(meta_path.read_bytes())
+    except (OSError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot read ({e.strerror})"
+        return {}, [Problem(meta_path, "error", "bad-metadata", why)]
+    captions: dict[Path, tuple[str, int]] = {}
+    problems = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        image, caption, severity = _metadata_entry(root, line)
+        if image is None:
+            problems.append(Problem(meta_path, severity, "bad-metadata", f"line {n}: {caption}"))
+            continue
+        if image in captions:
+            why = f"line {n}: {image.relative_to(root).as_posix()} already has a caption on line {captions[image][1]}"
+            problems.append(Problem(meta_path, "warning", "bad-metadata", why + " (the later line is used)"))
+        elif not os.path.lexists(image):
+            why = f"line {n}: file_name {image.relative_to(root).as_posix()} does not exist"
+            problems.append(Problem(meta_path, "warning", "bad-metadata", why))
+        captions[image] = (caption, n)
+    return captions, problems
+
+
+def _metadata_entry(root: Path, line: str) -> tuple[Path | None, str, Severity]:
+    """(image, caption, _) for a good line; (None, reason, severity) for a bad one."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})", "error"
+    if not isinstance(rec, dict):
+        return None, 'expected an object {"file_name": ..., "text": ...}', "error"
+    name, text = rec.get("file_name"), rec.get("text")
+    if not isinstance(name, str) or not name:
+        return None, "file_name is missing or not a string", "error"
+    if not isinstance(text, str):
+        return None, "text is missing or not a string", "error"
+    plain = Path(os.path.normpath(name)).as_posix()
+    if Path(name).is_absolute() or plain == ".." or plain.startswith("../"):
+        return None, f"file_name {name!r} leaves the dataset folder", "error"
+    if plain != name:  # training matches file_name as written against the image's relative path
+        return None, f"file_name {name!r} should be written {plain!r} (training does not match it)", "warning"
+    return root / name, text, "error"
+
+
+def find_caption(image: Path, metadata: dict[Path, tuple[str, int]], root: Path) -> Caption:
+    """The caption training would use for image: metadata.jsonl first, then the same-named .txt file.
+
+    Raises OSError / UnicodeDecodeError for an unreadable .txt file.
+    """
+    if image in metadata:
+        text = metadata[image][0]
+        return Caption(normalise(text), root / METADATA_FILE, raw_text=text)
+    txt = image.with_suffix(CAPTION_SUFFIX)
+    if not os.path.lexists(txt):
+        return Caption(None, None)
+    if txt.is_symlink():
+        raise OSError(f"{txt.name} is a symbolic link")
+    text, bom = decode_caption(txt.read_bytes())
+    return Caption(normalise(text), txt, bom=bom, raw_text=text)
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of text alone (no special tokens) with any Hugging Face tokenizer or processor."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    if callable(tok):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok.encode(text, add_special_tokens=False)
+    return len(ids)
+
+
+def prompt_overhead(tokenizer: Any, family: str) -> int:
+    """Tokens the family's prompt template (system message, chat markers) takes from max_sequence_length; 0 if unknown."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if not getattr(tok, "chat_template", None):
+        return 0
+    try:
+        if family == "klein":
+            messages = [{"role": "user", "content": ""}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+            return len(tok(text)["input_ids"])
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        out = tok.apply_chat_template(format_input([""], SYSTEM_MESSAGE), tokenize=True, return_dict=True)
+        ids = out["input_ids"]
+        return len(ids[0] if ids and isinstance(ids[0], list) else ids)
+    except Exception:  # any tokenizer without a usable chat template: count the caption alone
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------------ checking
+
+
+def _inside(path: Path, root: Path) -> bool:
+    p, r = os.path.normpath(path), os.path.normpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def _sniff(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    for magic, name in MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"avif"):
+        return "HEIF/AVIF"
+    return None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bomb_reason(e: Exception) -> str:
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+    return f"{size}, over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} (refused)"
+
+
+@contextmanager
+def quiet_folder_log() -> Iterator[None]:
+    """Silence load_image's per-file warnings (animated images): the report already has them."""
+    folder_log = logging.getLogger("flux2_lora.data.folder")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        folder_log.setLevel(level)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+@dataclass
+class _Options:
+    max_file_mb: float
+    min_resolution: int
+    max_aspect: float
+    max_caption_tokens: int
+    tokenizer: Any
+    instance_prompt: str | None
+
+
+class _Checker:
+    """Runs every check on one folder and collects the problems."""
+
+    def __init__(self, root: Path, opts: _Options) -> None:
+        self.root = root
+        self.opts = opts
+        self.problems: list[Problem] = []
+        self.hashes: dict[str, Path] = {}
+        self.images: list[Path] = []
+
+    def add(self, path: Path, severity: Severity, code: str, reason: str) -> None:
+        self.problems.append(Problem(path, severity, code, reason))
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def entry(self, path: Path, metadata: dict[Path, tuple[str, int]]) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            self.add(path, "error", "unreadable", f"cannot stat ({e.strerror})")
+            return
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            self.images.append(path)
+        if stat.S_ISLNK(st.st_mode):
+            self.symlink(path)
+            return
+        if not _inside(Path(os.path.realpath(path)), self.root):
+            self.add(path, "error", "outside-root", "its real path is outside the dataset folder (refused)")
+            return
+        if suffix in IMAGE_EXTENSIONS:
+            if not stat.S_ISREG(st.st_mode):
+                self.add(path, "error", "unreadable", "not a regular file")
+                return
+            self.image(path, st.st_size, metadata)
+        elif stat.S_ISREG(st.st_mode):
+            self.other_file(path, suffix)
+
+    def symlink(self, path: Path) -> None:
+        try:
+            target = os.readlink(path)  # the link's own text: the target is not touched
+        except OSError:
+            target = "?"
+        self.add(path, "error", "symlink", f"symbolic link to {target} (refused, not followed; copy the file in)")
+        lexical = Path(os.path.normpath(os.path.join(os.path.dirname(path), target)))
+        if not _inside(lexical, self.root):
+            self.add(path, "error", "outside-root", f"points outside the dataset folder ({target})")
+
+    def other_file(self, path: Path, suffix: str) -> None:
+        name = path.name
+        if path.suffix == CAPTION_SUFFIX or path.parent == self.root and name in (METADATA_FILE, FIXES_FILE):
+            return
+        if suffix == CAPTION_SUFFIX:
+            why = f"caption files must end in lowercase {CAPTION_SUFFIX} (training does not read {path.suffix})"
+            self.add(path, "warning", "bad-extension", why)
+            return
+        allowed = "/".join(sorted(IMAGE_EXTENSIONS))
+        if suffix in OTHER_IMAGE_EXTENSIONS:
+            self.add(path, "error", "bad-extension", f"{suffix} images are not read by training (use {allowed})")
+            return
+        if is_hidden(path, self.root) or suffix in IGNORED_SUFFIXES:
+            return
+        kind = _sniff(path)
+        if kind is not None:
+            why = f"a {kind} image named {name!r} is not read by training (rename or convert it to {allowed})"
+            self.add(path, "error", "bad-extension", why)
+
+    def image(self, path: Path, size: int, metadata: dict[Path, tuple[str, int]]) -> None:
+        limit = self.opts.max_file_mb * 2**20
+        if size == 0:
+            self.add(path, "error", "empty-file", "file is empty (0 bytes)")
+        else:
+            if size > limit:
+                why = f"file is {_mb(size)}, over the {self.opts.max_file_mb:g} MB limit (--max-file-mb)"
+                self.add(path, "error", "too-large", why)
+            self.duplicate(path)
+            self.pixels(path)
+        self.caption(path, metadata)
+
+    def duplicate(self, path: Path) -> None:
+        try:
+            digest = sha256(path)
+        except OSError as e:
+            self.add(path, "error", "unreadable", f"cannot read ({e.strerror})")
+            return
+        first = self.hashes.setdefault(digest, path)
+        if first != path:
+            self.add(path, "warning", "duplicate", f"same bytes as {self.rel(first)} (trains that image twice)")
+
+    def pixels(self, path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's other warnings are about pixels training converts anyway
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as im:
+                    self.geometry(path, im.size, bool(getattr(im, "is_animated", False)))
+                    im.load()
+                    mode = im.mode
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                self.add(path, "error", "decompression-bomb", _bomb_reason(e))
+                return
+            except UnidentifiedImageError:
+                self.add(path, "error", "unreadable", "not an image Pillow can read (corrupt or another format)")
+                return
+            except Exception as e:  # truncated, corrupt, unsupported: Pillow raises many kinds
+                self.add(path, "error", "unreadable", f"cannot decode image ({e or type(e).__name__})")
+                return
+            if mode not in ("RGB", "L"):
+                try:
+                    with quiet_folder_log():
+                        load_image(path)
+                except DataError:
+                    self.add(path, "error", "unreadable", f"cannot convert {mode} pixels to RGB")
+
+    def geometry(self, path: Path, size: tuple[int, int], animated: bool) -> None:
+        w, h = size
+        cap = Image.MAX_IMAGE_PIXELS
+        if cap is not None and w * h > cap:
+            raise Image.DecompressionBombError(f"Image size ({w * h} pixels) exceeds limit of {cap} pixels")
+        short, long = min(w, h), max(w, h)
+        if short < self.opts.min_resolution:
+            why = f"{w}x{h}: short side {short} px is under --min-resolution {self.opts.min_resolution}"
+            self.add(path, "error", "too-small", why)
+        if short > 0 and long / short > self.opts.max_aspect:
+            why = f"{w}x{h}: aspect ratio {long / short:.1f}:1 is over --max-aspect {self.opts.max_aspect:g}"
+            self.add(path, "warning", "extreme-aspect", why + " (heavily cropped or squeezed into a bucket)")
+        if animated:
+            self.add(path, "warning", "animated", "animated image: only the first frame is used")
+
+    def caption(self, image: Path, metadata: dict[Path, tuple[str, int]]) -> None:
+        txt = image.with_suffix(CAPTION_SUFFIX)
+        if image not in metadata and txt.is_symlink():
+            return  # reported as a symlink where the walk meets it
+        try:
+            cap = find_caption(image, metadata, self.root)
+        except UnicodeDecodeError:
+            self.add(txt, "error", "caption-not-utf8", "caption is not UTF-8 text (re-save it as UTF-8)")
+            return
+        except OSError as e:
+            self.add(txt, "error", "unreadable", f"cannot read caption ({e.strerror or e})")
+            return
+        if cap.source is None:
+            if self.opts.instance_prompt is None:
+                why = f"no caption (add {txt.name}, a metadata.jsonl line, or set an instance prompt)"
+                self.add(image, "error", "missing-caption", why)
+            return
+        where = txt if cap.source == txt else image
+        if cap.bom:
+            self.add(txt, "warning", "caption-bom", "caption starts with a UTF-8 byte-order mark (training strips it)")
+        if not cap.text:
+            self.empty_caption(where, image in metadata)
+            return
+        self.tokens(where, cap.text)
+
+    def empty_caption(self, where: Path, from_metadata: bool) -> None:
+        if from_metadata:  # training takes metadata.jsonl text as it is: no instance prompt fallback
+            self.add(where, "error", "empty-caption", "its metadata.jsonl caption is empty (training would use it)")
+        elif self.opts.instance_prompt is None:
+            self.add(where, "error", "empty-caption", "caption is empty (write one or set an instance prompt)")
+        else:
+            self.add(where, "warning", "empty-caption", "caption is empty: the instance prompt is used instead")
+
+    def tokens(self, where: Path, text: str) -> None:
+        if self.opts.tokenizer is None:
+            return
+        try:
+            n = count_tokens(self.opts.tokenizer, text)
+        except Exception as e:  # a tokenizer that cannot handle this text is worth a line, not a crash
+            self.add(where, "warning", "tokenizer-failed", f"cannot tokenize caption ({type(e).__name__}: {e})")
+            return
+        limit = self.opts.max_caption_tokens
+        if n > limit:
+            why = f"caption is {n} tokens; the text encoder keeps {limit}, so the last {n - limit} are cut"
+            self.add(where, "warning", "caption-too-long", why)
+
+    def orphans(self, entries: list[Path]) -> None:
+        expected = {p.with_suffix(CAPTION_SUFFIX) for p in self.images}
+        for path in entries:
+            if path.suffix != CAPTION_SUFFIX or path in expected or path.is_symlink():
+                continue
+            if path.parent == self.root and path.name == FIXES_FILE:
+                continue
+            exts = "/".join(sorted(IMAGE_EXTENSIONS))
+            why = f"caption without an image (no {path.stem} with {exts} beside it); training ignores it"
+            self.add(path, "warning", "orphan-caption", why)
+
+
+def validate_dataset(
+    root: str | os.PathLike[str],
+    *,
+    max_file_mb: float = 50.0,
+    min_resolution: int = 256,
+    max_aspect: float = 4.0,
+    max_caption_tokens: int | None = None,
+    tokenizer: Any = None,
+    instance_prompt: str | None = None,
+) -> Report:
+    """Check every file under root; one Problem per problem found. Only a missing root raises (DataError).
+
+    max_caption_tokens: caption token budget (default 512) checked when a tokenizer is given.
+    """
+    root = dataset_root(root)
+    limit = DEFAULT_MAX_TOKENS if max_caption_tokens is None else max_caption_tokens
+    opts = _Options(max_file_mb, min_resolution, max_aspect, limit, tokenizer, instance_prompt)
+    checker = _Checker(root, opts)
+    entries, checker.problems = walk(root)
+    metadata, meta_problems = read_metadata(root)
+    checker.problems += meta_problems
+    for path in tqdm(entries, desc="validate", unit="file", disable=None, leave=False):
+        try:
+            checker.entry(path, metadata)
+        except Exception as e:  # never let one file stop the report
+            checker.add(path, "error", "unreadable", f"unexpected {type(e).__name__}: {e}")
+    checker.orphans(entries)
+    problems = sorted(checker.problems, key=lambda p: p.path.relative_to(root).as_posix() if p.path != root else "")
+    report = Report(root=root, problems=problems, n_images=len(checker.images))
+    flagged = {p.path for p in problems}
+    report.n_ok = sum(
+        image not in flagged and (image in metadata or image.with_suffix(CAPTION_SUFFIX) not in flagged)
+        for image in checker.images
+    )
+    return report
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def format_report(report: Report) -> str:
+    """One line per problem (`ERROR   path: reason`, paths relative to the root) and a summary line."""
+    lines = []
+    for p in report.problems:
+        try:
+            rel = p.path.relative_to(report.root).as_posix() if p.path != report.root else "."
+        except ValueError:
+            rel = str(p.path)
+        lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {rel}: {p.reason}")
+    lines.append(
+        f"{_plural(report.n_images, 'image')}: {report.n_ok} ok, "
+        f"{_plural(report.n_errors, 'error')}, {_plural(report.n_warnings, 'warning')}"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- fixing
+
+
+def check_output_folder(root: Path, out: str | os.PathLike[str]) -> Path:
+    """A folder to write a derived dataset into: not inside root, and empty or absent (else DataError)."""
+    out_path = Path(out).resolve()
+    if _inside(out_path, root):
+        raise DataError(f"{out}: output folder is inside the dataset folder {root} (choose another place)")
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise DataError(f"{out}: output folder exists and is not empty")
+    out_path.mkdir(parents=True, exist_ok=True)
+    return out_path
+
+
+def rgb_resave_reason(path: Path) -> str | None:
+    """Why the image should be re-saved as an RGB PNG (EXIF rotation, CMYK, palette, 16-bit, alpha, animation)."""
+    with Image.open(path) as im:
+        mode = im.mode
+        orientation = im.getexif().get(0x0112, 1)
+        animated = bool(getattr(im, "is_animated", False))
+        transparent = "transparency" in im.info
+    reasons = []
+    if orientation not in (1, None):
+        reasons.append(f"EXIF orientation {orientation} applied")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
+        reasons.append("alpha composited onto white")
+    elif mode == "P":
+        reasons.append("palette")
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        reasons.append("16-bit")
+    elif mode not in ("RGB", "L"):
+        reasons.append(mode)
+    if animated:
+        reasons.append("first frame of an animation")
+    return ", ".join(reasons) or None
+
+
+class _Fixer:
+    def __init__(self, report: Report, out: Path, instance_prompt: str | None) -> None:
+        self.report, self.root, self.out = report, report.root, out
+        self.instance_prompt = instance_prompt
+        self.lines: list[str] = []
+        self.errors: dict[Path, list[str]] = {}
+        for p in report.problems:
+            if p.severity == "error" or p.code == "duplicate":
+                self.errors.setdefault(p.path, []).append(p.reason)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def run(self) -> list[str]:
+        metadata, _ = read_metadata(self.root)
+        images = image_files(self.root)
+        self.not_copied(images, metadata)
+        if metadata:
+            self.lines.append(f"{METADATA_FILE}: captions written as .txt files next to their images")
+        with quiet_folder_log():
+            for image in tqdm(images, desc="fix", unit="image", disable=None, leave=False):
+                self.image(image, metadata)
+        return sorted(self.lines, key=lambda line: line.split(": ", 1)[0])
+
+    def not_copied(self, images: list[Path], metadata: dict[Path, tuple[str, int]]) -> None:
+        """A line for each file left out that is not an image (or the caption of one) dropped further on."""
+        image_set = set(images)
+        captions = {p.with_suffix(CAPTION_SUFFIX) for p in images if p not in metadata}
+        orphans = {p.path for p in self.report.problems if p.code == "orphan-caption"}
+        for path in walk(self.root)[0]:
+            if path in image_set or path in captions or path.parent == self.root and path.name == METADATA_FILE:
+                if path in self.errors and path.name == METADATA_FILE:
+                    self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
+                continue
+            if path in self.errors:
+                self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
+            elif path in orphans:
+                self.lines.append(f"{self.rel(path)}: dropped (orphan caption: no image)")
+            elif path.suffix != CAPTION_SUFFIX and not is_hidden(path, self.root) and _is_regular(path):
+                self.lines.append(f"{self.rel(path)}: not copied (not an image or a caption)")
+
+    def image(self, image: Path, metadata: dict[Path, tuple[str, int]]) -> None:
+        txt = image.with_suffix(CAPTION_SUFFIX)
+        reasons = self.errors.get(image, [])
+        if image not in metadata and txt in self.errors:
+            reasons = reasons + [f"{txt.name}: {r}" for r in self.errors[txt]]
+        if reasons:
+            self.lines.append(f"{self.rel(image)}: dropped ({'; '.join(reasons)})")
+            return
+        try:
+            caption = find_caption(image, metadata, self.root)
+        except (OSError, UnicodeDecodeError) as e:  # changed since the report was made
+            self.lines.append(f"{self.rel(image)}: dropped (caption unreadable: {e})")
+            return
+        text = caption.text or self.instance_prompt
+        if text is None:
+            self.lines.append(f"{self.rel(image)}: dropped (no caption)")
+            return
+        target = self.write_image(image)
+        if target is None:
+            return
+        self.write_caption(image, target, text, caption)
+
+    def write_image(self, image: Path) -> Path | None:
+        rel = image.relative_to(self.root)
+        try:
+            why = rgb_resave_reason(image)
+            if why is None:
+                target = self.out / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(image, target)
+                return target
+            name = rel.with_suffix(".png")
+            if image.suffix != ".png" and os.path.lexists(self.root / name):  # a.jpg beside a.png: a.jpg.png
+                name = rel.with_name(rel.name + ".png")
+            target = self.out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            load_image(image).save(target)
+            self.lines.append(f"{rel.as_posix()}: re-saved as RGB PNG {name.as_posix()} ({why})")
+            return target
+        except (OSError, DataError, ValueError) as e:
+            self.lines.append(f"{rel.as_posix()}: dropped (cannot convert: {e})")
+            return None
+
+    def write_caption(self, image: Path, target: Path, text: str, caption: Caption) -> None:
+        rel = self.rel(image)
+        if caption.source is None:
+            self.lines.append(f"{rel}: caption filled with the instance prompt")
+        elif not caption.text:
+            self.lines.append(f"{rel}: empty caption replaced by the instance prompt")
+        elif caption.source.suffix == CAPTION_SUFFIX:
+            src = self.rel(caption.source)
+            if caption.bom:
+                self.lines.append(f"{src}: byte-order mark removed")
+            if caption.raw_text is not None and caption.raw_text.strip("\n") != text:
+                self.lines.append(f"{src}: whitespace normalised")
+        target.with_suffix(CAPTION_SUFFIX).write_text(text + "\n", encoding="utf-8")
+
+
+def fix_dataset(
+    root: str | os.PathLike[str], out: str | os.PathLike[str], report: Report, instance_prompt: str | None = None
+) -> list[str]:
+    """Write a cleaned copy of root into out (root is never modified); the changes, one line each, also in FIXES.txt.
+
+    Dropped: files with errors, duplicates, orphan captions. Fixed: caption BOM and whitespace; EXIF-rotated, CMYK,
+    palette, 16-bit, transparent and animated images are re-saved as RGB PNG; missing or empty captions take
+    instance_prompt when given; metadata.jsonl captions become .txt files.
+    """
+    root_path = dataset_root(root)
+    if root_path != report.root:
+        raise DataError(f"{root}: the report is for another folder ({report.root})")
+    out_path = check_output_folder(root_path, out)
+    lines = _Fixer(report, out_path, instance_prompt).run()
+    (out_path / FIXES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ command
+
+
+def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
+    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (CliError on failure)."""
+    from ..cli import CliError
+
+    path = Path(model)
+    if not (path / "tokenizer").is_dir():
+        raise CliError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    except Exception as e:
+        raise CliError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
+    family = "dev"
+    try:
+        if "klein" in json.loads((path / "model_index.json").read_text()).get("_class_name", "").lower():
+            family = "klein"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return tokenizer, prompt_overhead(tokenizer, family)
+
+
+def validate_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="flux2-lora data validate",
+        exit_on_error=False,
+        default_env=False,
+        description="Check a dataset folder: every problem on one line; exit code 1 when there is an error.",
+    )
+    p.add_argument("--dataset", type=str, required=True, help="Dataset folder (images with .txt captions).")
+    p.add_argument("--fix", type=str | None, default=None, help="Write a cleaned copy into this new folder.")
+    p.add_argument("--max-file-mb", type=float, default=50.0, help="Largest image file accepted, in MB.")
+    p.add_argument("--min-resolution", type=int, default=256, help="Smallest short side accepted, in pixels.")
+    p.add_argument("--max-aspect", type=float, default=4.0, help="Long side / short side above this is a warning.")
+    p.add_argument("--model", type=str | None, default=None, help="FLUX.2 folder whose tokenizer checks captions.")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Text encoder prompt length.")
+    p.add_argument("--instance-prompt", type=str | None, default=None, help="Caption for images without one.")
+    return p
+
+
+def cmd_validate(argv: list[str]) -> int:
+    """`flux2-lora data validate ARGS` (argv without `data validate`): 1 when the dataset has errors, else 0."""
+    from ..cli import _parse
+
+    a = _parse(validate_parser(), argv)
+    root = dataset_root(a.dataset)
+    tokenizer, overhead = load_tokenizer(a.model) if a.model else (None, 0)
+    report = validate_dataset(
+        root,
+        max_file_mb=a.max_file_mb,
+        min_resolution=a.min_resolution,
+        max_aspect=a.max_aspect,
+        max_caption_tokens=max(a.max_tokens - overhead, 1),
+        tokenizer=tokenizer,
+        instance_prompt=a.instance_prompt,
+    )
+    print(format_report(report))
+    if a.fix:
+        lines = fix_dataset(root, a.fix, report, instance_prompt=a.instance_prompt)
+        print(f"\ncleaned copy written to {a.fix} ({_plural(len(lines), 'change')}, listed in {FIXES_FILE}):")
+        print("\n".join(f"  {line}" for line in lines))
+        again = validate_dataset(
+            a.fix,
+            max_file_mb=a.max_file_mb,
+            min_resolution=a.min_resolution,
+            max_aspect=a.max_aspect,
+            max_caption_tokens=max(a.max_tokens - overhead, 1),
+            tokenizer=tokenizer,
+            instance_prompt=a.instance_prompt,
+        )
+        print("cleaned copy: " + format_report(again).splitlines()[-1])
+    return 1 if report.has_errors else 0
