@@ -152,6 +152,8 @@ def test_kill_and_resume_gives_the_same_lora(tmp_path: Path, tiny_dev: Path, sam
         "0.1",
         "--data.repeats",
         "2",
+        "--data.num_workers",
+        "2",
     ]
     straight = tmp_path / "straight"
     _train(straight, *common)
