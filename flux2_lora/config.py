@@ -85,6 +85,10 @@ class DataArgs:
     """Target side length; buckets keep the area near resolution^2."""
     buckets: bool = True
     """Aspect-ratio buckets (sides multiples of 16); off: center-crop every image to a square."""
+    bucket_aspects: list[float] = field(
+        default_factory=lambda: [0.5, 0.5625, 0.6667, 0.75, 1.0, 1.3333, 1.5, 1.7778, 2.0]
+    )
+    """Bucket aspect ratios (width / height); each becomes a size of about resolution^2 pixels."""
     random_flip: bool = False
     """Also cache a horizontally flipped copy of each image and pick one per sample, seeded."""
     holdout: int = 1
@@ -258,6 +262,11 @@ def validate(recipe: Recipe) -> None:
         d.resolution >= 16 and d.resolution % 16 == 0,
         "data.resolution",
         f"must be a multiple of 16, got {d.resolution}",
+    )
+    _require(
+        len(d.bucket_aspects) > 0 and all(0.1 <= a <= 10 for a in d.bucket_aspects),
+        "data.bucket_aspects",
+        "must list aspect ratios between 0.1 and 10",
     )
     _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

@@ -137,6 +137,7 @@ class Trainer:
             _write_recipe(self.out / "recipe.yaml", r)
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
+        self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
         # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
         # before the transformer loads. Training reads only the cached shards.
         self.index = self._prepare_cache()

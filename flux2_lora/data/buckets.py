@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import torch
@@ -13,12 +12,14 @@ MULTIPLE = 16  # VAE downsampling (8) x FLUX.2 patch (2)
 ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
 
 
-def bucket_sizes(resolution: int, enabled: bool = True) -> list[tuple[int, int]]:
-    """(width, height) per bucket, area close to resolution^2, sides multiples of 16."""
+def bucket_sizes(
+    resolution: int, enabled: bool = True, aspects: tuple[float, ...] | list[float] | None = None
+) -> list[tuple[int, int]]:
+    """(width, height) per bucket (aspect = width / height), area close to resolution^2, sides multiples of 16."""
     if not enabled:
         return [(resolution, resolution)]
     sizes = []
-    for a in ASPECTS:
+    for a in aspects or ASPECTS:
         w = max(MULTIPLE, round(resolution * math.sqrt(a) / MULTIPLE) * MULTIPLE)
         h = max(MULTIPLE, round(resolution / math.sqrt(a) / MULTIPLE) * MULTIPLE)
         if (w, h) not in sizes:
@@ -45,22 +46,3 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def epoch_batches(buckets: list[tuple[int, int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """All batches of one epoch: items shuffled within their bucket, cut into full batches, batches shuffled.
-
-    `buckets[i]` is item i's bucket. The order depends only on (seed, epoch), which makes resume exact.
-    A bucket's last partial batch is dropped for that epoch (the shuffle changes which items).
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i, b in enumerate(buckets):
-        by_bucket.setdefault(b, []).append(i)
-    batches: list[list[int]] = []
-    for key in sorted(by_bucket):
-        idx = by_bucket[key][:]
-        rng.shuffle(idx)
-        batches.extend(idx[j : j + batch_size] for j in range(0, len(idx) - batch_size + 1, batch_size))
-    rng.shuffle(batches)
-    return batches

@@ -80,7 +80,7 @@ def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
         text_layers=tuple(src.text_layers),
         max_sequence_length=recipe.model.max_sequence_length,
         resolution=d.resolution,
-        buckets=tuple(bucket_sizes(d.resolution, d.buckets)),
+        buckets=tuple(bucket_sizes(d.resolution, d.buckets, d.bucket_aspects)),
         random_flip=d.random_flip,
         trigger=d.trigger or "",
         holdout=d.holdout,

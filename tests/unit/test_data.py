@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux2_lora.data.buckets import bucket_sizes, epoch_batches, nearest_bucket, resize_to_bucket, to_tensor
+from flux2_lora.data.buckets import bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
 from flux2_lora.data.cache import full_caption
 from flux2_lora.data.folder import DataError, load_image, scan_folder
 
@@ -79,16 +79,8 @@ def test_buckets_keep_area_and_multiples_of_16() -> None:
     assert t.shape == (3, 2, 2) and t.max() == 1.0 and t.min() == -1.0
 
 
-def test_epoch_batches_are_seeded_single_size_and_cover_items() -> None:
-    buckets = [(64, 64)] * 7 + [(80, 48)] * 5
-    a = epoch_batches(buckets, 2, seed=1, epoch=0)
-    assert a == epoch_batches(buckets, 2, seed=1, epoch=0)
-    assert a != epoch_batches(buckets, 2, seed=1, epoch=1)
-    for b in a:
-        assert len(b) == 2 and len({buckets[i] for i in b}) == 1
-    used = [i for b in a for i in b]
-    assert len(used) == len(set(used)) == 3 * 2 + 2 * 2  # partial batches dropped per bucket
-    assert epoch_batches(buckets, 8, seed=1, epoch=0) == []
+def test_bucket_aspects_are_configurable() -> None:
+    assert bucket_sizes(512, aspects=[1.0, 2.0]) == [(512, 512), (720, 368)]
 
 
 def test_trigger_is_prepended_once() -> None:
