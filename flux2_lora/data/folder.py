@@ -58,10 +58,21 @@ def read_metadata(root: Path) -> dict[str, str]:
     return captions
 
 
+def read_json_caption(path: Path) -> str:
+    """Caption from a per-image JSON sidecar: {"caption": "..."} (or "text" / "prompt")."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = next(rec[k] for k in ("caption", "text", "prompt") if isinstance(rec.get(k), str))
+    except (ValueError, StopIteration, AttributeError):
+        raise DataError(f"{path}: not a JSON object with a caption, text or prompt string") from None
+    return " ".join(text.split())
+
+
 def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[Item]:
     """Image/caption pairs under root, sorted by relative path.
 
-    An image without a caption takes instance_prompt; without one that is an error naming the file.
+    Captions come from root/metadata.jsonl, else x.txt, else a x.json sidecar. An image without a caption
+    takes instance_prompt; without one that is an error naming the file.
     Symlinks are not followed.
     """
     root = Path(root)
@@ -79,8 +90,11 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
             continue
         caption_file = path.with_suffix(".txt")
         rel = path.relative_to(root).as_posix()
+        json_file = path.with_suffix(".json")
         if rel in metadata:
             caption = metadata[rel]
+        elif not caption_file.exists() and json_file.exists():
+            caption = read_json_caption(json_file)
         elif caption_file.exists():
             caption = read_caption(caption_file)
             if not caption:

@@ -205,7 +205,7 @@ def _metadata_entry(root: Path, line: str) -> tuple[Path | None, str, Severity]:
 
 
 def find_caption(image: Path, metadata: dict[Path, tuple[str, int]], root: Path) -> Caption:
-    """The caption training would use for image: metadata.jsonl first, then the same-named .txt file.
+    """The caption training would use for image: metadata.jsonl, then the same-named .txt, then a .json sidecar.
 
     Raises OSError / UnicodeDecodeError for an unreadable .txt file.
     """
@@ -213,6 +213,15 @@ def find_caption(image: Path, metadata: dict[Path, tuple[str, int]], root: Path)
         text = metadata[image][0]
         return Caption(normalise(text), root / METADATA_FILE, raw_text=text)
     txt = image.with_suffix(CAPTION_SUFFIX)
+    sidecar = image.with_suffix(".json")
+    if not os.path.lexists(txt) and os.path.lexists(sidecar) and not sidecar.is_symlink():
+        from .folder import read_json_caption
+
+        try:
+            text = read_json_caption(sidecar)
+        except DataError:
+            return Caption(None, sidecar)
+        return Caption(normalise(text), sidecar, raw_text=text)
     if not os.path.lexists(txt):
         return Caption(None, None)
     if txt.is_symlink():

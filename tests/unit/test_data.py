@@ -26,6 +26,22 @@ def test_scan_pairs_images_and_captions_in_stable_order(tmp_path: Path) -> None:
     ]
 
 
+def test_metadata_jsonl_and_json_sidecar_captions(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from  metadata"}\n')
+    (tmp_path / "a.txt").write_text("ignored: metadata wins")
+    (tmp_path / "b.txt").write_text("from txt")
+    (tmp_path / "c.json").write_text('{"caption": "from json"}')
+    assert [i.caption for i in scan_folder(tmp_path)] == ["from metadata", "from txt", "from json"]
+    (tmp_path / "c.json").write_text('{"nothing": 1}')
+    with pytest.raises(DataError, match=r"c\.json: not a JSON object with a caption"):
+        scan_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("{broken\n")
+    with pytest.raises(DataError, match=r"metadata\.jsonl:1"):
+        scan_folder(tmp_path)
+
+
 def test_missing_or_bad_captions_name_the_file(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     with pytest.raises(DataError, match=r"x\.png: no caption file x\.txt"):
