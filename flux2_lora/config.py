@@ -41,6 +41,8 @@ class ModelArgs:
     """Prompt tokens (chat template included) given to the text encoder."""
     gradient_checkpointing: bool = True
     """Recompute block activations in backward to save memory."""
+    gradient_checkpointing_every: int = 1
+    """With gradient checkpointing: checkpoint every k-th transformer block (1: all; larger trades memory for speed)."""
     force_cpu_loading: bool = False
     """Load every component on the CPU first, then move only what a stage needs to the device."""
     revision: str | None = None
@@ -240,6 +242,7 @@ def validate(recipe: Recipe) -> None:
         recipe.callbacks,
     )
     _require(bool(m.name_or_path), "model.name_or_path", "must name a model folder, hub id or builtin:tiny-dev")
+    _require(m.gradient_checkpointing_every >= 1, "model.gradient_checkpointing_every", "must be >= 1")
     _require(m.max_sequence_length > 0, "model.max_sequence_length", f"must be > 0, got {m.max_sequence_length}")
     if m.text_encoder_layers is not None:
         _require(len(m.text_encoder_layers) > 0, "model.text_encoder_layers", "must list at least one layer")

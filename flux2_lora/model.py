@@ -240,6 +240,34 @@ def add_lora(
     return config.to_dict()
 
 
+def enable_checkpointing(transformer: Any, every: int = 1) -> int:
+    """Activation checkpointing on every `every`-th transformer block (double and single). Returns how many.
+
+    every=1 uses diffusers' own switch; otherwise the chosen blocks' forward is wrapped in
+    torch.utils.checkpoint at the instance level, so module names (and LoRA keys) do not change.
+    """
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    if every == 1:
+        transformer.enable_gradient_checkpointing()
+        return len(blocks)
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    chosen = blocks[::every]
+    for block in chosen:
+        plain = block.forward
+
+        @functools.wraps(plain)
+        def forward(*args: Any, __plain: Any = plain, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(__plain, *args, use_reentrant=False, **kwargs)
+            return __plain(*args, **kwargs)
+
+        block.forward = forward
+    return len(chosen)
+
+
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
@@ -350,8 +378,18 @@ def _as_pixtral_processor(tokenizer: Any) -> Any:
         return tokenizer
 
 
-def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: int = 0) -> Path:
+def make_tiny_pipeline(
+    out: str | os.PathLike[str],
+    family: str = "dev",
+    seed: int = 0,
+    double_blocks: int = 2,
+    single_blocks: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+) -> Path:
     """Write a tiny random FLUX.2 pipeline in diffusers' save_pretrained layout.
+
+    The transformer's size is configurable (benchmarks use a wider and deeper one than tests).
 
     The text encoder is narrow but deep enough (32 layers for dev, 28 for klein) that the family's real
     hidden-state layers apply, so tiny runs take the same code path as FLUX.2-dev and klein.
@@ -420,7 +458,8 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
     else:
         raise ModelError(f"--family: unknown family {family!r} (dev or klein)")
     tokenizer = _tiny_tokenizer(family)
-    num_layers = len(FAMILY_TEXT_LAYERS[family])
+    if head_dim % 4:
+        raise ModelError(f"head_dim: must be a multiple of 4 (rotary axes), got {head_dim}")
     torch.manual_seed(seed + 1)
     vae: Any = AutoencoderKLFlux2(
         in_channels=3,
@@ -443,14 +482,14 @@ def make_tiny_pipeline(out: str | os.PathLike[str], family: str = "dev", seed: i
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=hidden * num_layers,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=hidden * len(FAMILY_TEXT_LAYERS[family]),
         timestep_guidance_channels=32,
         mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4),
+        axes_dims_rope=(head_dim // 4,) * 4,
         guidance_embeds=family == "dev",
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)

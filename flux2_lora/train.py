@@ -38,6 +38,7 @@ from .model import (
     ModelSource,
     add_lora,
     count_parameters,
+    enable_checkpointing,
     load_transformer,
     pipeline_class,
     resolve_model,
@@ -162,7 +163,7 @@ class Trainer:
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
         )
         if r.model.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            enable_checkpointing(self.transformer, r.model.gradient_checkpointing_every)
         trainable, total = count_parameters(self.transformer)
         self._print(
             f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
