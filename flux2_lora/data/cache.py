@@ -34,7 +34,7 @@ from ..flow import encode_images, encode_prompts
 from ..model import ModelSource, free, load_text_encoder, load_vae
 from .buckets import bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
 from .folder import DataError
-from .shards import CACHE_MEMBERS, RawSample, iter_tar
+from .shards import CACHE_MEMBERS, RawSample, iter_tar, open_image
 
 TEXT_BATCH = 8
 CACHE_VERSION = 1
@@ -214,8 +214,6 @@ def build_cache(
     writers = {"train": _ShardWriter(tmp, "train", shard_size), "val": _ShardWriter(tmp, "val", shard_size)}
     sizes = list(settings.buckets)
     for s in tqdm(samples(), total=len(keys), desc="cache: latents", unit="img", leave=False):
-        from .shards import open_image
-
         image = open_image(s.image, name=s.key)
         bucket = nearest_bucket(image.width, image.height, sizes)
         pixels = to_tensor(resize_to_bucket(image, bucket)).unsqueeze(0)

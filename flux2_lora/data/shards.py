@@ -9,7 +9,6 @@ the whitelist are refused with an error naming the shard and the member.
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -160,7 +159,3 @@ def open_image(data: bytes, name: str) -> Any:
     from .folder import load_image
 
     return load_image(io.BytesIO(data), name=name)
-
-
-def env_rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
