@@ -147,6 +147,13 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def command_parser(name: str, description: str) -> Any:
+    """The jsonargparse parser every `flux2-lora` subcommand starts from (errors raise, no env defaults)."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=f"flux2-lora {name}", exit_on_error=False, default_env=False, description=description)
+
+
 def _parse(parser: Any, argv: list[str]) -> Any:
     """parse_args with jsonargparse errors turned into one-line CliErrors (--help still exits normally)."""
     try:
@@ -158,13 +165,9 @@ def _parse(parser: Any, argv: list[str]) -> Any:
 
 
 def cmd_model(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
     if not argv or argv[0] != "make-tiny":
         raise CliError("model: expected `model make-tiny --out DIR [--family dev|klein]`")
-    p = ArgumentParser(
-        prog="flux2-lora model make-tiny", exit_on_error=False, description="Write a tiny random FLUX.2 pipeline."
-    )
+    p = command_parser("model make-tiny", "Write a tiny random FLUX.2 pipeline.")
     p.add_argument("--out", type=str, required=True, help="Folder to write (diffusers save_pretrained layout).")
     p.add_argument("--family", type=str, default="dev", choices=["dev", "klein"], help="FLUX.2 family.")
     p.add_argument("--seed", type=int, default=0, help="Weight seed.")
@@ -201,9 +204,7 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def _data_make_sample(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(prog="flux2-lora data make-sample", exit_on_error=False, description="Write the sample dataset.")
+    p = command_parser("data make-sample", "Write the sample dataset.")
     p.add_argument("--out", type=str, required=True, help="Folder to write.")
     p.add_argument("--count", type=int, default=12, help="Number of images.")
     a = _parse(p, argv)
@@ -214,13 +215,7 @@ def _data_make_sample(argv: list[str]) -> int:
 
 
 def _data_shard(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(
-        prog="flux2-lora data shard",
-        exit_on_error=False,
-        description="Write webdataset tar shards of a dataset folder.",
-    )
+    p = command_parser("data shard", "Write webdataset tar shards of a dataset folder.")
     p.add_argument("--dataset", type=str, required=True, help="Image folder (validated first).")
     p.add_argument("--output", type=str, required=True, help="Folder for data-NNNNNN.tar shards.")
     p.add_argument("--shard-size", type=int, default=1000, help="Samples per shard.")
@@ -263,25 +258,14 @@ def _data_cache(argv: list[str]) -> int:
     recipe, _ = parse_train(rest)
     import torch
 
-    from .data.cache import build_cache, settings_for
-    from .data.shards import is_shard_spec, iter_folder_samples, iter_raw_samples
-    from .model import resolve_model
-    from .train import resolve_dataset
+    from .data.cache import build_cache, dataset_source, settings_for
+    from .model import encoder_dtype, resolve_model
 
     src = resolve_model(recipe.model)
-    spec = recipe.data.dataset or ""
-    if is_shard_spec(spec):
-        source: Any = lambda: iter_raw_samples(spec, recipe.data.instance_prompt)  # noqa: E731
-    else:
-        from .data.folder import scan_folder
-
-        root = resolve_dataset(spec)
-        items = scan_folder(root, recipe.data.instance_prompt)
-        source = lambda: iter_folder_samples(items, root)  # noqa: E731
+    source, _ = dataset_source(recipe.data.dataset or "", recipe.data.instance_prompt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.model.dtype]
     index = build_cache(
-        Path(out), settings_for(src, recipe), source, device, dtype if device.type == "cuda" else torch.float32,
+        Path(out), settings_for(src, recipe), source, device, encoder_dtype(recipe.model.dtype, device),
         force_cpu_loading=recipe.model.force_cpu_loading,
     )  # fmt: skip
     print(

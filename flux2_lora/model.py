@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+
+def encoder_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Dtype for the text encoder and VAE in the cache stage: the recipe's on a GPU, fp32 on the CPU."""
+    return DTYPES[dtype] if device.type == "cuda" else torch.float32
+
+
 # LoRA target presets (module-name suffixes matched by PEFT).
 ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 

@@ -26,11 +26,17 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .callbacks import EarlyStopping, NanGuard, WallClock
-from .config import Recipe, cache_root, validate
-from .data.cache import CacheIndex, build_cache, check_settings, prompt_embeddings, read_index, settings_for
-from .data.folder import DataError, scan_folder
-from .data.sample import make_sample_dataset
-from .data.shards import is_shard_spec, iter_folder_samples, iter_raw_samples
+from .config import Recipe, validate
+from .data.cache import (
+    CacheIndex,
+    build_cache,
+    check_settings,
+    dataset_source,
+    prompt_embeddings,
+    read_index,
+    settings_for,
+)
+from .data.folder import DataError
 from .data.stream import CachedBatches, batches_per_rank, collate
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
@@ -39,6 +45,7 @@ from .model import (
     add_lora,
     count_parameters,
     enable_checkpointing,
+    encoder_dtype,
     load_transformer,
     pipeline_class,
     resolve_model,
@@ -56,26 +63,6 @@ class TrainState:
     step: int = 0
     val_history: list[tuple[int, float]] = field(default_factory=list)
     callbacks: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_dataset(spec: str) -> Path:
-    if spec == "builtin:sample":
-        path = cache_root() / "data" / "sample"
-        if not path.exists():
-            make_sample_dataset(path)
-        return path
-    return Path(spec).expanduser()
-
-
-def _stat_urls(spec: str) -> list[str]:
-    """Local shards' size and mtime (so a rewritten shard gives a new cache); remote ones by URL only."""
-    from .data.shards import expand_spec
-
-    out = []
-    for u in expand_spec(spec):
-        p = Path(u)
-        out.append(f"{u}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else u)
-    return out
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
@@ -142,7 +129,7 @@ class Trainer:
         # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
         # before the transformer loads. Training reads only the cached shards.
         self.index = self._prepare_cache()
-        text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
+        text_dtype = encoder_dtype(r.model.dtype, self.device)
         if self.is_main:
             prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading)
         acc.wait_for_everyone()
@@ -227,19 +214,10 @@ class Trainer:
             index = read_index(Path(spec).expanduser())
             check_settings(index, settings)
             return index
-        if is_shard_spec(spec):
-            source = lambda: iter_raw_samples(spec, r.data.instance_prompt)  # noqa: E731
-            source_id = spec + "".join(f"|{u}" for u in _stat_urls(spec))
-        else:
-            root = resolve_dataset(spec)
-            items = scan_folder(root, r.data.instance_prompt)
-            source = lambda: iter_folder_samples(items, root)  # noqa: E731
-            source_id = json.dumps(
-                [[str(i.image), i.image.stat().st_size, i.image.stat().st_mtime_ns, i.caption] for i in items]
-            )
+        source, source_id = dataset_source(spec, r.data.instance_prompt)
         cache_dir = self.out / "cache" / settings.digest(source_id)
         if self.is_main:
-            text_dtype = DTYPES[r.model.dtype] if self.device.type == "cuda" else torch.float32
+            text_dtype = encoder_dtype(r.model.dtype, self.device)
             build_cache(
                 cache_dir, settings, source, self.device, text_dtype, force_cpu_loading=r.model.force_cpu_loading
             )
@@ -383,11 +361,13 @@ class Trainer:
     def _load_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and prompt embeddings of one batch; flips and caption dropout drawn from the generator."""
         d = self.recipe.data
-        latents, embeds = batch["latents"].clone(), batch["prompt_embeds"].clone()
-        for j in range(len(latents)):
+        latents, embeds = batch["latents"], batch["prompt_embeds"]
+        for j in range(len(latents)):  # copy a batch tensor only when one of its samples changes
             if d.random_flip and bool(torch.rand((), generator=self.generator) < 0.5):
+                latents = latents.clone() if latents is batch["latents"] else latents
                 latents[j] = batch["latents_flip"][j]
             if d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout):
+                embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
                 embeds[j] = self.empty_embeds
         return latents, embeds
 

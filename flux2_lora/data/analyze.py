@@ -272,16 +272,11 @@ def plot_analysis(stats: dict[str, Any], out: str | os.PathLike[str], size: tupl
 
 def cmd_analyze(argv: list[str]) -> int:
     """`flux2-lora data analyze ARGS` (argv without `data analyze`)."""
-    from jsonargparse import ArgumentParser
-
-    from ..cli import _parse
+    from ..cli import _parse, command_parser
     from .validate import load_tokenizer
 
-    p = ArgumentParser(
-        prog="flux2-lora data analyze",
-        exit_on_error=False,
-        default_env=False,
-        description="Dataset statistics (sizes, aspect ratios, caption lengths) and a histogram PNG.",
+    p = command_parser(
+        "data analyze", "Dataset statistics (sizes, aspect ratios, caption lengths) and a histogram PNG."
     )
     p.add_argument("--dataset", type=str, required=True, help="Dataset folder.")
     p.add_argument("--output", type=str, default="analysis.png", help="Histogram PNG to write.")

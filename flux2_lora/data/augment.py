@@ -102,15 +102,11 @@ def augment_dataset(
 
 def cmd_augment(argv: list[str]) -> int:
     """`flux2-lora data augment ARGS` (argv without `data augment`)."""
-    from jsonargparse import ArgumentParser
+    from ..cli import CliError, _parse, command_parser
 
-    from ..cli import CliError, _parse
-
-    p = ArgumentParser(
-        prog="flux2-lora data augment",
-        exit_on_error=False,
-        default_env=False,
-        description="Write flipped, cropped and colour-jittered copies of each image, with its caption, to a new "
+    p = command_parser(
+        "data augment",
+        "Write flipped, cropped and colour-jittered copies of each image, with its caption, to a new "
         "folder (the originals are not copied).",
     )
     p.add_argument("--dataset", type=str, required=True, help="Dataset folder.")

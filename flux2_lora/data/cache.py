@@ -152,6 +152,24 @@ def read_cached_shard(url: str) -> Iterator[dict[str, Any]]:
         yield decode_cached(s)
 
 
+def dataset_source(spec: str, instance_prompt: str | None) -> tuple[Callable[[], Iterator[RawSample]], str]:
+    """(samples, source id) for a folder or raw-shard spec; the id changes when any file does."""
+    from .folder import scan_folder
+    from .sample import resolve_dataset
+    from .shards import expand_spec, is_shard_spec, iter_folder_samples, iter_raw_samples
+
+    if is_shard_spec(spec):
+        stats = []
+        for u in expand_spec(spec):  # local shards by size and mtime, remote ones by URL
+            p = Path(u)
+            stats.append(f"{u}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else u)
+        return (lambda: iter_raw_samples(spec, instance_prompt)), json.dumps([spec, stats])
+    root = resolve_dataset(spec)
+    items = scan_folder(root, instance_prompt)
+    ident = json.dumps([[str(i.image), i.image.stat().st_size, i.image.stat().st_mtime_ns, i.caption] for i in items])
+    return (lambda: iter_folder_samples(items, root)), ident
+
+
 def build_cache(
     out: Path,
     settings: CacheSettings,

@@ -50,3 +50,15 @@ def make_sample_dataset(out: str | os.PathLike[str], count: int = 12, size: int 
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def resolve_dataset(spec: str) -> Path:
+    """A dataset folder for a spec: `builtin:sample` is generated once under FLUX2_LORA_HOME."""
+    if spec == "builtin:sample":
+        from ..config import cache_root
+
+        path = cache_root() / "data" / "sample"
+        if not path.exists():
+            make_sample_dataset(path)
+        return path
+    return Path(spec).expanduser()

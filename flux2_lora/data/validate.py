@@ -749,13 +749,10 @@ def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
 
 
 def validate_parser() -> Any:
-    from jsonargparse import ArgumentParser
+    from ..cli import command_parser
 
-    p = ArgumentParser(
-        prog="flux2-lora data validate",
-        exit_on_error=False,
-        default_env=False,
-        description="Check a dataset folder: every problem on one line; exit code 1 when there is an error.",
+    p = command_parser(
+        "data validate", "Check a dataset folder: every problem on one line; exit code 1 when there is an error."
     )
     p.add_argument("--dataset", type=str, required=True, help="Dataset folder (images with .txt captions).")
     p.add_argument("--fix", type=str | None, default=None, help="Write a cleaned copy into this new folder.")
@@ -775,8 +772,7 @@ def cmd_validate(argv: list[str]) -> int:
     a = _parse(validate_parser(), argv)
     root = dataset_root(a.dataset)
     tokenizer, overhead = load_tokenizer(a.model) if a.model else (None, 0)
-    report = validate_dataset(
-        root,
+    options: dict[str, Any] = dict(
         max_file_mb=a.max_file_mb,
         min_resolution=a.min_resolution,
         max_aspect=a.max_aspect,
@@ -784,19 +780,12 @@ def cmd_validate(argv: list[str]) -> int:
         tokenizer=tokenizer,
         instance_prompt=a.instance_prompt,
     )
+    report = validate_dataset(root, **options)
     print(format_report(report))
     if a.fix:
         lines = fix_dataset(root, a.fix, report, instance_prompt=a.instance_prompt)
         print(f"\ncleaned copy written to {a.fix} ({_plural(len(lines), 'change')}, listed in {FIXES_FILE}):")
         print("\n".join(f"  {line}" for line in lines))
-        again = validate_dataset(
-            a.fix,
-            max_file_mb=a.max_file_mb,
-            min_resolution=a.min_resolution,
-            max_aspect=a.max_aspect,
-            max_caption_tokens=max(a.max_tokens - overhead, 1),
-            tokenizer=tokenizer,
-            instance_prompt=a.instance_prompt,
-        )
+        again = validate_dataset(a.fix, **options)
         print("cleaned copy: " + format_report(again).splitlines()[-1])
     return 1 if report.has_errors else 0
