@@ -45,6 +45,7 @@ commands:
   data cache         run the text encoder and VAE once into cached shards that `train --dataset` reads
   data make-sample   write the built-in sample dataset (coloured shapes with captions)
   model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
+  system optimize    GPU memory a recipe needs, part by part, and what to change so it fits
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -125,7 +126,7 @@ def _condense(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:
+def parse_train(argv: list[str], need_data: bool = True) -> tuple[Recipe, str | None]:
     parser = train_parser()
     ns = _parse(parser, _expand_argv(argv))
     resume = ns.pop("resume", None)
@@ -135,7 +136,7 @@ def parse_train(argv: list[str]) -> tuple[Recipe, str | None]:
     recipe = Recipe(
         **{k: recipe[k] for k in ("model", "lora", "data", "training", "validation", "output", "logging", "callbacks")}
     )
-    validate(recipe)
+    validate(recipe, need_data)
     return recipe, resume
 
 
@@ -275,7 +276,13 @@ def _data_cache(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data}
+def cmd_system(argv: list[str]) -> int:
+    from .system import cmd_system as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data, "system": cmd_system}
 
 
 def main(argv: list[str] | None = None) -> int:

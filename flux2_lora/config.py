@@ -43,6 +43,9 @@ class ModelArgs:
     """Recompute block activations in backward to save memory."""
     gradient_checkpointing_every: int = 1
     """With gradient checkpointing: checkpoint every k-th transformer block (1: all; larger trades memory for speed)."""
+    compile: bool = False
+    """torch.compile each transformer block (regional: one compiled graph reused by every block of a kind).
+    Off by default: it costs compile time up front, and scripts/bench_step.py measures whether it pays."""
     force_cpu_loading: bool = False
     """Load every component on the CPU first, then move only what a stage needs to the device."""
     revision: str | None = None
@@ -95,8 +98,9 @@ class DataArgs:
     """Also cache a horizontally flipped copy of each image and pick one per sample, seeded."""
     holdout: int = 1
     """Images held out from training for the fixed-seed validation loss (0: use training images)."""
-    num_workers: int = 2
-    """DataLoader worker processes reading cached shards (a resume must use the same number)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes reading cached shards. `auto`: none when training on the CPU (the step needs
+    every core and a cached read is cheap), else up to 4 per GPU process. A resume keeps the checkpoint's number."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer."""
 
@@ -229,8 +233,10 @@ def _require(cond: bool, field_name: str, message: str) -> None:
         raise RecipeError(f"{field_name}: {message}")
 
 
-def validate(recipe: Recipe) -> None:
-    """Check values types cannot express. Raises RecipeError('<field>: <reason>')."""
+def validate(recipe: Recipe, need_data: bool = True) -> None:
+    """Check values types cannot express. Raises RecipeError('<field>: <reason>').
+
+    need_data=False skips the dataset checks (commands that plan a run without reading data)."""
     m, lo, d, t, v, o, lg, c = (
         recipe.model,
         recipe.lora,
@@ -249,16 +255,19 @@ def validate(recipe: Recipe) -> None:
     _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
     _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
-    _require(d.dataset is not None, "data.dataset", "is required (a folder of images + .txt captions)")
-    assert d.dataset is not None
-    if d.dataset.startswith("pipe:") or "{" in d.dataset:
-        pass  # a shard pattern; expanded and checked when the data is read
-    elif not d.dataset.startswith("builtin:"):
-        path = Path(d.dataset).expanduser()
-        _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
-        _require(path.is_dir() or path.suffix == ".tar", "data.dataset", f"{d.dataset} is not a folder or a .tar shard")
-    else:
-        _require(d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)")
+    _require(d.dataset is not None or not need_data, "data.dataset", "is required (a folder of images + .txt captions)")
+    pattern = d.dataset is not None and (d.dataset.startswith("pipe:") or "{" in d.dataset)  # checked when read
+    if need_data and d.dataset is not None and not pattern:
+        if d.dataset.startswith("builtin:"):
+            _require(
+                d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)"
+            )
+        else:
+            path = Path(d.dataset).expanduser()
+            _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
+            _require(
+                path.is_dir() or path.suffix == ".tar", "data.dataset", f"{d.dataset} is not a folder or a .tar shard"
+            )
     _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
     _require(d.repeats >= 1, "data.repeats", f"must be >= 1, got {d.repeats}")
     _require(
@@ -272,7 +281,9 @@ def validate(recipe: Recipe) -> None:
         "must list aspect ratios between 0.1 and 10",
     )
     _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(
+        d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", f"must be auto or >= 0, got {d.num_workers}"
+    )
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
     _require(t.max_steps >= 1, "training.max_steps", f"must be >= 1, got {t.max_steps}")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")

@@ -37,12 +37,13 @@ from .data.cache import (
     settings_for,
 )
 from .data.folder import DataError
-from .data.stream import CachedBatches, batches_per_rank, collate
+from .data.stream import CachedBatches, auto_workers, batches_per_rank, collate
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
     ModelSource,
     add_lora,
+    compile_blocks,
     count_parameters,
     enable_checkpointing,
     encoder_dtype,
@@ -71,10 +72,17 @@ def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.op
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    # Fused AdamW (one kernel for all LoRA tensors, on CUDA and CPU) also skips a step on device through
+    # `found_inf`, so the NaN guard needs no host sync.
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(
         params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True when `optimizer.step()` honours a `found_inf` tensor (fused AdamW), so skipping needs no host sync."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> Any:
@@ -107,6 +115,7 @@ class Trainer:
         )
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
+        self.pin = self.device.type == "cuda"  # pinned host batches: asynchronous copies to the GPU
 
     # --------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -151,6 +160,8 @@ class Trainer:
         )
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.transformer, r.model.gradient_checkpointing_every)
+        if r.model.compile:
+            compile_blocks(self.transformer)
         trainable, total = count_parameters(self.transformer)
         self._print(
             f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
@@ -167,16 +178,18 @@ class Trainer:
             self.index, r.training.batch_size, r.training.seed, acc.process_index, acc.num_processes,
             r.data.shuffle_buffer,
         )  # fmt: skip
+        self.num_workers = self._num_workers()
         self.loader = DataLoader(
             self.train_data,
             batch_size=None,
-            num_workers=r.data.num_workers,
-            pin_memory=self.device.type == "cuda",
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin,
             # Its own generator: each iter() of a DataLoader draws a worker seed, which must not come from
             # torch's global RNG (LoRA dropout uses that one, and a resume starts iterating mid-epoch).
             generator=torch.Generator().manual_seed(r.training.seed),
         )
-        counts = batches_per_rank(self.index, r.training.batch_size, acc.num_processes, r.data.num_workers)
+        counts = batches_per_rank(self.index, r.training.batch_size, acc.num_processes, self.num_workers)
         self.batches_per_epoch = max(counts) * r.data.repeats
         if self.batches_per_epoch == 0:
             raise DataError(f"data.dataset: {r.data.dataset} has no training samples after the holdout")
@@ -204,6 +217,18 @@ class Trainer:
             init_kwargs = {"wandb": {"mode": r.logging.wandb_mode, "dir": str(self.out)}} if r.logging.wandb else {}
             acc.init_trackers(r.logging.wandb_project, config=_flat(r.to_dict()), init_kwargs=init_kwargs)
         self.metrics_file = self.out / "metrics.jsonl"
+
+    def _num_workers(self) -> int:
+        """data.num_workers, with `auto` sized to the machine, or on a resume taken from the checkpoint."""
+        n = self.recipe.data.num_workers
+        if n != "auto":
+            return n
+        if self.resume:
+            path = ckpt.resolve_resume(self.resume, self.out / "checkpoints")
+            if path is not None:
+                return int(json.loads((path / "state.json").read_text()).get("num_workers", 0))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))  # set by torchrun
+        return auto_workers(self.device.type, local)
 
     def _prepare_cache(self) -> CacheIndex:
         """The cached shards for this recipe: an existing cache folder (checked), or built from a folder or shards."""
@@ -257,7 +282,8 @@ class Trainer:
         )
         loss_sum = torch.zeros((), device=self.device)  # summed over the logging window, on the device
         step_loss = torch.zeros((), device=self.device)  # summed over one optimizer step's micro-batches
-        loss_count = 0
+        loss_count = torch.zeros((), device=self.device)  # finite optimizer steps in the logging window
+        self._bad: list[torch.Tensor] = []  # per-step "update skipped" flags not yet read by the host
         last_log, last_log_step = time.perf_counter(), self.state.step
         micro = self.state.step * accum  # micro-batches consumed so far: the data position
         stop_reason = ""
@@ -268,7 +294,8 @@ class Trainer:
                 latents, embeds = self._load_batch(batch)
                 n = len(latents)
                 sigmas = sample_sigmas(n, t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale)
-                noise = torch.randn(latents.shape, generator=self.generator)
+                noise = torch.randn(latents.shape, generator=self.generator, pin_memory=self.pin)
+                sigmas = sigmas.pin_memory() if self.pin else sigmas
                 img_ids, txt_ids = self._position_ids(latents, embeds)
                 with acc.accumulate(self.model):
                     # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
@@ -276,7 +303,7 @@ class Trainer:
                         self.model,
                         latents.to(self.device, non_blocking=True),
                         embeds.to(self.device, non_blocking=True),
-                        sigmas.to(self.device),
+                        sigmas.to(self.device, non_blocking=True),
                         noise.to(self.device, non_blocking=True),
                         img_ids,
                         txt_ids,
@@ -290,11 +317,10 @@ class Trainer:
                     if acc.sync_gradients:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                        # One host sync per optimizer step: skip the update on a NaN/inf loss or gradient.
-                        # (Reduced over processes so that every process takes the same decision.)
-                        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
-                        if finite:
-                            self.optimizer.step()
+                        # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
+                        # processes so that all take the same decision); the host reads it when it logs.
+                        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
+                        self._step_unless(bad)
                         self.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
                     continue
@@ -303,16 +329,18 @@ class Trainer:
                 self.state.step += 1
                 step = self.state.step
                 bar.update(1)
-                if finite:
-                    loss_sum += step_loss / accum
-                    loss_count += 1
-                else:
-                    self._print(f"step {step}: non-finite loss or gradient, update skipped")
+                good = (~bad).float()
+                loss_sum += good * step_loss.nan_to_num(0.0, 0.0, 0.0) / accum
+                loss_count = loss_count + good
                 step_loss.zero_()
-                stop_reason = self.callbacks["nan_guard"].update(finite, step)
-                if step % r.logging.log_every == 0 or step == t.max_steps:
+                self._bad.append(bad)
+                logging_now = step % r.logging.log_every == 0 or step == t.max_steps
+                checkpoint_now = bool(r.output.checkpoint_every) and step % r.output.checkpoint_every == 0
+                if logging_now or checkpoint_now:
+                    stop_reason = self._check_nonfinite(step)
+                if logging_now:
                     now = time.perf_counter()
-                    mean_loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # all processes
+                    mean_loss = acc.reduce(loss_sum / loss_count.clamp(min=1), reduction="mean").item()
                     lr = self.lr_scheduler.get_last_lr()[0]
                     self._log(
                         {
@@ -326,7 +354,7 @@ class Trainer:
                     )
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                     loss_sum.zero_()
-                    loss_count = 0
+                    loss_count.zero_()
                     last_log, last_log_step = now, step
                 if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
                     val = self.validate_and_sample()
@@ -335,9 +363,10 @@ class Trainer:
                     stop_reason = stop_reason or self._agreed(self.callbacks["wall_clock"].update(step))
                 if step == t.max_steps or stop_reason:
                     break
-                if r.output.checkpoint_every and step % r.output.checkpoint_every == 0:
+                if checkpoint_now:
                     self.save_checkpoint()
         bar.close()
+        stop_reason = stop_reason or self._check_nonfinite(self.state.step)
         if stop_reason:
             self._print(f"stopped at step {self.state.step}: {stop_reason}")
         if self.state.step == t.max_steps:
@@ -350,6 +379,27 @@ class Trainer:
         acc.end_training()
         self._print(f"saved {final}")
         return final
+
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        """optimizer.step() unless `bad` (a 0-d bool on the device): without a host sync where the optimizer allows."""
+        inner: Any = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if skips_on_device(inner):
+            inner.found_inf = bad.float()  # fused AdamW skips the step (and its step count) where this is 1
+            self.optimizer.step()
+        elif not bool(bad):  # e.g. bitsandbytes' 8-bit AdamW: one host sync per step
+            self.optimizer.step()
+
+    def _check_nonfinite(self, step: int) -> str:
+        """Read the pending skip flags (one host sync), report skipped steps, and apply the NaN guard."""
+        flags = torch.stack(self._bad).tolist() if self._bad else []
+        first = step - len(flags) + 1
+        self._bad = []
+        reason = ""
+        for i, bad in enumerate(flags):
+            if bad:
+                self._print(f"step {first + i}: non-finite loss or gradient, update skipped")
+            reason = reason or self.callbacks["nan_guard"].update(not bad, first + i)
+        return reason
 
     def _agreed(self, reason: str) -> str:
         """A stop decision taken by any process (e.g. its own clock) is taken by all of them."""
@@ -369,6 +419,9 @@ class Trainer:
             if d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout):
                 embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
                 embeds[j] = self.empty_embeds
+        if self.pin:  # a changed copy is pageable again; pinned memory keeps the copy to the device asynchronous
+            latents = latents if latents is batch["latents"] else latents.pin_memory()
+            embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
         return latents, embeds
 
     def _position_ids(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,7 +510,7 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
                 "world_size": acc.num_processes,
-                "num_workers": self.recipe.data.num_workers,
+                "num_workers": self.num_workers,
                 "recipe": self.recipe.to_dict(),
             }
             rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -490,7 +543,7 @@ class Trainer:
                 f"--resume: {path} was written by {state.get('world_size')} processes, this run has "
                 f"{self.accelerator.num_processes}; the data position cannot carry over exactly"
             )
-        if state.get("num_workers", self.recipe.data.num_workers) != self.recipe.data.num_workers:
+        if state.get("num_workers", self.num_workers) != self.num_workers:
             raise ckpt.CheckpointError(
                 f"--resume: {path} was written with data.num_workers={state['num_workers']}; resume with the same "
                 "value (the data position depends on it)"

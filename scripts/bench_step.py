@@ -12,13 +12,15 @@ steps/s = (N2 - N1) / (median time(N2) - median time(N1)), which cancels start-u
 Peak RSS is the child's own maximum resident set (os.wait4) at N2 steps, median over repeats. The upstream
 script is not part of this repository: pass the path of your copy of diffusers'
 examples/dreambooth/train_dreambooth_lora_flux2.py. It loads the tokenizer as PixtralProcessor, which needs
-torchvision in the Python that runs it (`--upstream-python`, default: this one).
+torchvision in the Python that runs it (`--upstream-python`, default: this one); run this script with that
+Python too, so the tiny model is written with its PixtralProcessor and both trainers use the same torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -42,7 +44,7 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def ours(model: Path, images: Path, out: Path, steps: int) -> list[str]:
+def ours(model: Path, images: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     return [
         sys.executable, "-m", "flux2_lora", "train", "--model", str(model), "--dataset", str(images),
@@ -51,7 +53,7 @@ def ours(model: Path, images: Path, out: Path, steps: int) -> list[str]:
         "--training.batch_size", "1", "--lr", "1e-4", "--dtype", "fp32", "--model.max_sequence_length", "64",
         "--model.gradient_checkpointing", "false", "--validation.every_n_steps", "0", "--validation.prompts", "[]",
         "--output.checkpoint_every", "0", "--logging.tensorboard", "false", "--logging.log_every", str(steps),
-        "--output", str(out),
+        "--output", str(out), *extra,
     ]  # fmt: skip
 
 
@@ -73,12 +75,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-upstream", type=str, default=None, help="path of train_dreambooth_lora_flux2.py")
     ap.add_argument("--upstream-python", type=str, default=sys.executable)
+    ap.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABEL", "ARGS"),
+        help='another flux2-lora run with extra train arguments, e.g. --variant compile "--model.compile true"',
+    )
     ap.add_argument("--workdir", type=str, default=None, help="keep models, data and logs here")
     args = ap.parse_args()
 
     from flux2_lora.data.sample import make_sample_dataset
     from flux2_lora.model import make_tiny_pipeline
 
+    if args.compare_upstream:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            sys.exit(
+                "bench_step: --compare-upstream needs torchvision in this Python: upstream loads the tokenizer as "
+                "PixtralProcessor, which the tiny model only gets when torchvision is present (run both trainers "
+                "with the same Python, e.g. the one given as --upstream-python)"
+            )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_step-"))
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
@@ -97,6 +116,10 @@ def main() -> None:
         env["ACCELERATE_USE_CPU"] = "1"
 
     trainers = {"flux2-lora": lambda n: ours(model, images, work / "out-ours", n)}
+    for label, extra in args.variant:
+        trainers[f"flux2-lora {label}"] = lambda n, label=label, extra=extra: ours(
+            model, images, work / f"out-{label}", n, tuple(shlex.split(extra))
+        )
     if args.compare_upstream:
         script = str(Path(args.compare_upstream).resolve())
         trainers["diffusers upstream"] = lambda n: upstream(
@@ -108,7 +131,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for n in (n1, n2):
             for name, cmd in trainers.items():
-                wall, peak = run(cmd(n), env, work / f"log-{name.split()[0]}-{n}-{rep}.txt")
+                wall, peak = run(cmd(n), env, work / f"log-{name.replace(' ', '_')}-{n}-{rep}.txt")
                 times.setdefault((name, n), []).append(wall)
                 if n == n2:
                     rss.setdefault(name, []).append(peak)
@@ -122,10 +145,12 @@ def main() -> None:
         dt = statistics.median(times[(name, n2)]) - statistics.median(times[(name, n1)])
         rate[name] = (n2 - n1) / dt if dt > 0 else float("nan")
         print(f"{name:20s} {rate[name]:8.2f} {statistics.median(rss[name]):13.0f}")
-    if len(rate) == 2:
-        ratio = rate["flux2-lora"] / rate["diffusers upstream"]
-        mem = statistics.median(rss["flux2-lora"]) / statistics.median(rss["diffusers upstream"])
-        print(f"flux2-lora / upstream: {ratio:.2f}x steps/s, {mem:.2f}x peak RSS")
+    base = "diffusers upstream" if "diffusers upstream" in rate else "flux2-lora"
+    for name in rate:
+        if name != base:
+            ratio = rate[name] / rate[base]
+            mem = statistics.median(rss[name]) / statistics.median(rss[base])
+            print(f"{name} / {base}: {ratio:.2f}x steps/s, {mem:.2f}x peak RSS")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,23 @@ def test_two_ranks_two_workers_three_shards_see_every_sample_once(three_shard_ca
         assert per_rank == batches_per_rank(index, 2, 2, 2)  # the count the loop plans with, without reading data
 
 
+def test_persistent_workers_follow_the_epoch(three_shard_cache: Path) -> None:
+    # Workers started once (persistent) must see set_epoch() of the main process: the same batches per epoch
+    # as workers started afresh for each epoch.
+    index = read_index(three_shard_cache)
+
+    def fresh(epoch: int) -> list[str]:
+        ds = CachedBatches(index, batch_size=1, seed=3, shuffle_buffer=4)
+        ds.set_epoch(epoch)
+        return [k for b in DataLoader(ds, batch_size=None, num_workers=2) for k in b["keys"]]
+
+    ds = CachedBatches(index, batch_size=1, seed=3, shuffle_buffer=4)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        assert [k for b in loader for k in b["keys"]] == fresh(epoch)
+
+
 def test_order_is_seeded_by_epoch_and_identical_on_reread(three_shard_cache: Path) -> None:
     index = read_index(three_shard_cache)
 

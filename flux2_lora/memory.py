@@ -1,0 +1,365 @@
+"""Memory estimate for a recipe: what one training process holds at its peak, part by part.
+
+The estimate is computed, not guessed from a table:
+
+- The transformer is built from its real config on the meta device (no weights, no memory), the LoRA is
+  added through PEFT exactly as training adds it, and one training step (forward, loss, backward) is
+  run on meta tensors under `TensorMemory`, a dispatch mode that counts every tensor storage while it
+  is alive. The peak it sees minus what existed before the step is the activation memory, with or
+  without gradient checkpointing, for the real block structure and sequence length.
+- On meta tensors PyTorch would take the math attention path and keep the full attention matrix; GPUs
+  run flash/cuDNN attention, which keeps only the output and the log-sum-exp. The simulation routes
+  attention through the flash kernel's own meta implementation, so it counts what a GPU keeps.
+- Frozen weights, LoRA parameters, gradients and optimizer state are counted from the parameters:
+  LoRA weights, their gradients and AdamW's two moments are fp32 (8-bit AdamW keeps 2 bytes a value);
+  a quantized base counts the bytes of its format (nf4 with double quantisation ~0.52 B/param, int8 and
+  fp8 ~1 B/param plus scales) for the block linears it replaces, the rest stays at the model dtype.
+
+The result is comparable to `torch.cuda.max_memory_allocated()` (scripts/bench_gpu.py checks it);
+the CUDA context (~0.5 GiB) and allocator fragmentation come on top and are listed as a reserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+GiB = 2**30
+
+# Transformer configs of the published FLUX.2 models (diffusers' scripts/convert_flux2_to_diffusers.py),
+# so that a plan for them needs no download. A local folder or a hub snapshot is read from disk instead.
+_COMMON = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "attention_head_dim": 128,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "eps": 1e-6,
+}
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "black-forest-labs/FLUX.2-dev": {
+        "family": "dev",
+        "transformer": {**_COMMON, "num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48,
+                        "joint_attention_dim": 15360},
+        "text_encoder_params": 24.0e9,  # Mistral Small 3.1 (24 B), published size
+    },
+    "black-forest-labs/FLUX.2-klein-4B": {
+        "family": "klein",
+        "transformer": {**_COMMON, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+                        "joint_attention_dim": 7680, "guidance_embeds": False},
+        "text_encoder_params": 4.02e9,  # Qwen3-4B, published size
+    },
+    "black-forest-labs/FLUX.2-klein-9B": {
+        "family": "klein",
+        "transformer": {**_COMMON, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+                        "joint_attention_dim": 12288, "guidance_embeds": False},
+        "text_encoder_params": 8.19e9,  # Qwen3-8B, published size
+    },
+}  # fmt: skip
+VAE_PARAMS = 84e6  # AutoencoderKLFlux2 at its published size, when no local copy is there to count
+
+# Bytes per weight of a quantized frozen linear layer (scales included).
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 4096, "fp8": 1.0 + 4 / 4096}
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}  # state bytes per trainable value (two moments)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+class TensorMemory(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive while the mode is active (current and peak).
+
+    Every storage an operation returns is counted once, when it first appears, and uncounted when it is
+    freed (a weak reference to the storage). `track()` adds tensors that existed before (weights, inputs).
+    Works on real tensors and on meta tensors alike.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.current = 0
+        self.peak = 0
+
+    def track(self, *objs: Any) -> None:
+        for t in tree_leaves(objs):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if st in self._seen:
+                continue
+            n = st.nbytes()
+            self._seen[st] = n
+            self.current += n
+            weakref.finalize(st, self._free, n)
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, n: int) -> None:
+        self.current -= n
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.track(out)
+        return out
+
+
+@contextlib.contextmanager
+def flash_attention_on_meta() -> Iterator[None]:
+    """Route scaled_dot_product_attention on meta tensors through the flash kernel's meta implementation.
+
+    A module-level swap rather than a TorchFunctionMode: backward (and the recomputation of checkpointed
+    blocks) runs on autograd's device thread, where a thread-local mode is not active.
+    """
+    plain = torch.nn.functional.scaled_dot_product_attention
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+    def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        a = {**dict(zip(names, args, strict=False)), **kwargs}
+        if a["query"].device.type == "meta" and a.get("attn_mask") is None and not a.get("dropout_p"):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                a["query"], a["key"], a["value"], is_causal=bool(a.get("is_causal")), scale=a.get("scale")
+            )[0]
+        return plain(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = plain
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs to know about a model: its transformer config and the cache-stage sizes."""
+
+    name: str
+    family: str
+    transformer: dict[str, Any]
+    text_encoder_params: float
+    vae_params: float
+    counted: str  # how the text encoder and VAE sizes were obtained
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """The transformer config and encoder sizes of a published model id, a local folder, or a builtin tiny model."""
+    from .config import ModelArgs
+    from .model import ModelError, resolve_model
+
+    if name_or_path in KNOWN_MODELS:
+        m = KNOWN_MODELS[name_or_path]
+        return ModelShape(
+            name_or_path, m["family"], dict(m["transformer"]), m["text_encoder_params"], VAE_PARAMS, "published sizes"
+        )
+    try:
+        src = resolve_model(ModelArgs(name_or_path=name_or_path))
+    except ModelError as e:
+        known = ", ".join(KNOWN_MODELS)
+        raise ModelError(f"{e} (plans without a download are available for: {known})") from None
+    config = json.loads((src.path / "transformer" / "config.json").read_text())
+    return ModelShape(
+        str(src.path),
+        src.family,
+        {k: v for k, v in config.items() if not k.startswith("_")},
+        _count_on_meta(src.path / "text_encoder", "text_encoder"),
+        _count_on_meta(src.path / "vae", "vae"),
+        "counted from the local configs",
+    )
+
+
+def _count_on_meta(folder: Path, kind: str) -> float:
+    """Parameters of a saved component, instantiated from its config on the meta device (no weights read)."""
+    with torch.device("meta"):
+        if kind == "vae":
+            from diffusers import AutoencoderKLFlux2
+
+            model = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder))
+        else:
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(folder)
+            cls = getattr(transformers, config.architectures[0])
+            model = cls._from_config(config)
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+@dataclass
+class Setup:
+    """The recipe values that decide the memory of one training process."""
+
+    resolution: int = 1024
+    batch_size: int = 1
+    text_tokens: int = 512
+    rank: int = 16
+    targets: str = "attention"
+    dtype: str = "bf16"
+    autocast: bool = True  # mixed precision on a GPU: LoRA matmuls run in the model dtype
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 1
+    optimizer: str = "adamw"
+    quantize: str = "none"
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
+        m, t = recipe.model, recipe.training
+        return cls(
+            resolution=recipe.data.resolution,
+            batch_size=t.batch_size,
+            text_tokens=m.max_sequence_length,
+            rank=recipe.lora.rank,
+            targets=recipe.lora.targets,
+            dtype=m.dtype,
+            autocast=on_gpu and t.mixed_precision != "no" and m.dtype != "fp32",
+            gradient_checkpointing=m.gradient_checkpointing,
+            checkpoint_every=m.gradient_checkpointing_every,
+            optimizer=t.optimizer,
+            quantize=getattr(m, "quantize", "none"),
+        )
+
+
+@dataclass
+class Estimate:
+    """Bytes per part at the training peak of one process, and the cache stage's own peak."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    cache_stage: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)  # counts: frozen, lora, quantized
+    reserve: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        rows = [f"  {k:58s} {v / GiB:8.2f} GiB" for k, v in self.parts.items()]
+        rows.append(f"  {'training peak (allocated)':58s} {self.total / GiB:8.2f} GiB")
+        rows.append(f"  {'+ CUDA context and allocator reserve':58s} {self.reserve / GiB:8.2f} GiB")
+        rows.append(f"  {'needed on the GPU':58s} {(self.total + self.reserve) / GiB:8.2f} GiB")
+        rows.append("  cache stage (before training; the transformer is not loaded then):")
+        rows += [f"    {k:56s} {v / GiB:8.2f} GiB" for k, v in self.cache_stage.items()]
+        return "\n".join(rows)
+
+
+def build_meta_transformer(config: dict[str, Any], dtype: torch.dtype) -> Any:
+    """The FLUX.2 transformer of `config` on the meta device: the real module tree, no memory."""
+    from diffusers import Flux2Transformer2DModel
+
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            model = Flux2Transformer2DModel.from_config(config).to(dtype)
+    finally:
+        quiet.setLevel(level)
+    model.requires_grad_(False)
+    return model
+
+
+def is_quantizable(name: str, module: torch.nn.Module) -> bool:
+    """Block linears are quantized; embeddings, norms, modulation and the final projection stay high precision."""
+    return isinstance(module, torch.nn.Linear) and "transformer_blocks." in name and "lora_" not in name
+
+
+def simulate_step(transformer: Any, setup: Setup) -> tuple[int, int]:
+    """(bytes alive before, peak bytes during) one forward + backward of the training loss, on meta tensors."""
+    from .flow import flow_loss, latent_ids, text_ids
+
+    cfg = transformer.config
+    side = setup.resolution // 16  # VAE /8, then 2x2 patchify
+    b, dev = setup.batch_size, torch.device("meta")
+    with dev:
+        latents = torch.randn(b, cfg.in_channels, side, side)
+        noise = torch.randn(b, cfg.in_channels, side, side)
+        embeds = torch.randn(b, setup.text_tokens, cfg.joint_attention_dim)
+        sigmas = torch.rand(b)
+        guidance = torch.full((b,), 4.0) if cfg.guidance_embeds else None
+    img_ids, txt_ids = latent_ids(b, side, side, dev), text_ids(b, setup.text_tokens, dev)
+    mem = TensorMemory()
+    mem.track(list(transformer.parameters()), list(transformer.buffers()))
+    mem.track(latents, noise, embeds, sigmas, guidance, img_ids, txt_ids)
+    before = mem.current
+    with flash_attention_on_meta(), mem:
+        loss = flow_loss(transformer, latents, embeds, sigmas, noise, img_ids, txt_ids, guidance)
+        loss.backward()
+    return before, mem.peak
+
+
+_SIMULATED: dict[str, tuple[float, dict[str, float], int]] = {}
+
+
+def estimate(shape: ModelShape, setup: Setup) -> Estimate:
+    """The memory plan for training `shape` with `setup` on one process (see the module docstring)."""
+    # The simulation depends on neither the optimizer nor the quantization; plans that vary only those reuse it.
+    key = json.dumps([shape.transformer, dataclasses.asdict(setup) | {"optimizer": "", "quantize": ""}], default=str)
+    if key not in _SIMULATED:
+        _SIMULATED[key] = _simulate(shape, setup)
+    activations, counts, largest = _SIMULATED[key]
+    n_frozen, n_lora = counts["frozen"], counts["lora"]
+    n_quant = counts["quantizable"] if setup.quantize != "none" else 0.0
+    dtype_bytes = DTYPE_BYTES[setup.dtype]
+    weights = (n_frozen - n_quant) * dtype_bytes + n_quant * QUANT_BYTES.get(setup.quantize, dtype_bytes)
+
+    est = Estimate()
+    label = f"{setup.quantize} blocks + {setup.dtype}" if setup.quantize != "none" else setup.dtype
+    est.parts[f"frozen transformer weights ({label})"] = weights
+    est.parts["LoRA parameters (fp32)"] = n_lora * 4
+    est.parts["LoRA gradients (fp32)"] = n_lora * 4
+    est.parts[f"optimizer state ({setup.optimizer})"] = n_lora * OPTIMIZER_BYTES.get(setup.optimizer, 8.0)
+    if setup.gradient_checkpointing:
+        how = "checkpointing every block" if setup.checkpoint_every == 1 else f"every {setup.checkpoint_every}th"
+    else:
+        how = "no checkpointing"
+    est.parts[f"activations ({how}, {setup.resolution}px, batch {setup.batch_size})"] = activations
+    if setup.quantize != "none":
+        est.parts["dequantized weight of the largest layer"] = largest * dtype_bytes
+    est.reserve = 0.5 * GiB + 0.05 * est.total
+    est.cache_stage[f"text encoder ({shape.text_encoder_params / 1e9:.2f} B params, {setup.dtype})"] = (
+        shape.text_encoder_params * dtype_bytes
+    )
+    est.cache_stage[f"VAE ({shape.vae_params / 1e6:.0f} M params, {setup.dtype})"] = shape.vae_params * dtype_bytes
+    est.params = {"frozen": n_frozen, "lora": n_lora, "quantized": n_quant}
+    return est
+
+
+def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float], int]:
+    """(activation bytes, parameter counts, largest quantizable weight) from one simulated step on meta tensors."""
+    from .model import add_lora, enable_checkpointing
+
+    dtype_bytes = DTYPE_BYTES[setup.dtype]
+    # Simulate in the dtype the matmuls run in: with autocast the LoRA branch computes in the model dtype.
+    model = build_meta_transformer(shape.transformer, {2: torch.bfloat16, 4: torch.float32}[dtype_bytes])
+    add_lora(model, setup.rank, setup.rank, 0.0, setup.targets, "gaussian", False)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    if setup.autocast:
+        for p in lora:
+            p.data = p.data.to(torch.bfloat16 if dtype_bytes == 2 else torch.float32)
+    if setup.gradient_checkpointing:
+        enable_checkpointing(model, setup.checkpoint_every)
+    model.train()
+    before, peak = simulate_step(model, setup)
+    sim_lora_bytes = sum(p.numel() * p.element_size() for p in lora)
+    activations = peak - before - sim_lora_bytes  # the simulated gradients are accounted below, in fp32
+
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    quantizable = {f"{name}.weight" for name, module in model.named_modules() if is_quantizable(name, module)}
+    counts = {
+        "frozen": float(sum(p.numel() for _, p in frozen)),
+        "lora": float(sum(p.numel() for p in lora)),
+        "quantizable": float(sum(p.numel() for n, p in frozen if n in quantizable)),
+    }
+    largest = max((p.numel() for n, p in frozen if n in quantizable), default=0)
+    return float(max(activations, 0)), counts, largest
