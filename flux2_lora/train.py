@@ -172,6 +172,7 @@ class Trainer:
         self.optimizer = make_optimizer(params, r)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
         self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen base, every step
 
         # Data: cached shards streamed by a DataLoader, split by rank and worker, one bucket per batch.
         self.train_data = CachedBatches(
@@ -316,7 +317,7 @@ class Trainer:
                     step_loss += loss.detach()
                     if acc.sync_gradients:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
                         # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
                         # processes so that all take the same decision); the host reads it when it logs.
                         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
