@@ -134,7 +134,20 @@ def parse_train(argv: list[str], need_data: bool = True) -> tuple[Recipe, str | 
     ns.pop("__path__", None)
     recipe = parser.instantiate_classes(ns)
     recipe = Recipe(
-        **{k: recipe[k] for k in ("model", "lora", "data", "training", "validation", "output", "logging", "callbacks")}
+        **{
+            k: recipe[k]
+            for k in (
+                "model",
+                "lora",
+                "data",
+                "training",
+                "validation",
+                "output",
+                "logging",
+                "callbacks",
+                "distributed",
+            )
+        }
     )
     validate(recipe, need_data)
     return recipe, resume

@@ -212,6 +212,22 @@ class CallbackArgs:
 
 
 @dataclass
+class DistributedArgs:
+    """How several processes share one run (with one process these do nothing).
+
+    Start the processes with `flux2-lora launch MANIFEST` or `accelerate launch -m flux2_lora train ...`.
+    """
+
+    strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = "auto"
+    """`auto`: what the launcher's accelerate config says (DeepSpeed or FSDP), else DDP. `ddp` replicates the
+    model; `fsdp` is FSDP2 (parameters sharded as DTensors); `zero2`/`zero3` are DeepSpeed ZeRO stages."""
+    shard_base: bool = True
+    """fsdp and zero3: shard the frozen transformer across processes (false: every process holds it whole)."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """zero2/zero3: CPU offload of the optimizer state (`optimizer`), and with zero3 of the parameters too (`all`)."""
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -223,6 +239,7 @@ class Recipe:
     output: OutputArgs = field(default_factory=OutputArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     callbacks: CallbackArgs = field(default_factory=CallbackArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,6 +326,17 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(c.early_stopping_patience >= 0, "callbacks.early_stopping_patience", "must be >= 0")
     _require(c.max_wall_time_minutes >= 0, "callbacks.max_wall_time_minutes", "must be >= 0")
     _require(c.nan_max_consecutive >= 1, "callbacks.nan_max_consecutive", "must be >= 1")
+    dist = recipe.distributed
+    _require(
+        dist.offload == "none" or dist.strategy in ("zero2", "zero3"),
+        "distributed.offload",
+        f"CPU offload is a DeepSpeed option; use strategy zero2 or zero3 (got {dist.strategy})",
+    )
+    _require(
+        dist.offload != "all" or dist.strategy == "zero3",
+        "distributed.offload",
+        "`all` (parameters too) needs strategy zero3; zero2 offloads the optimizer only",
+    )
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
