@@ -46,6 +46,7 @@ commands:
   data make-sample   write the built-in sample dataset (coloured shapes with captions)
   model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
   system optimize    GPU memory a recipe needs, part by part, and what to change so it fits
+  launch MANIFEST    run a recipe as a manifest says: accelerate launch here, an sbatch job or a Ray job (--dry-run)
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -295,7 +296,13 @@ def cmd_system(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data, "system": cmd_system}
+def cmd_launch(argv: list[str]) -> int:
+    from .launch import cmd_launch as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data, "system": cmd_system, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,695 @@
+"""`flux2-lora launch MANIFEST`: start a recipe on one process, one node, many nodes, Slurm or Ray.
+
+A manifest (YAML) names the recipe and its overrides, the resources, the distributed strategy, the
+backend and the environment. The launcher renders, under OUTPUT/launch/:
+
+    accelerate_config.yaml   the `accelerate launch --config_file` for this layout and strategy
+    deepspeed.json           zero2 / zero3 only: the DeepSpeed config that accelerate_config points at
+    job.sbatch               slurm only: launch/slurm/{single,multi}-node.sbatch with its settings filled in
+
+then runs `accelerate launch` here (local), submits the batch script with `sbatch` (slurm), or submits
+one `accelerate launch` as a Ray job with `ray job submit` (ray; checked as a dry run only so far, a
+real Ray cluster run is a later issue). `--dry-run` writes the files and prints the commands only.
+
+The train command always names the strategy (`--distributed.strategy ...`) so the trainer and the
+accelerate config agree, and passes `--resume latest` (unless `resume: false`): a relaunch, a
+requeued Slurm job or a resubmitted one continue from the newest checkpoint, and a fresh output
+folder starts at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .cli import CliError, _parse, command_parser, parse_train, presets
+from .config import RecipeError
+
+SLURM_DIR = Path(__file__).resolve().parent.parent / "launch" / "slurm"
+EXIT_REQUEUE = 75  # the trainer's exit code after a SIGUSR1/SIGTERM stop with a checkpoint written
+_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+_SETTINGS_BEGIN = "# ---- settings"
+_SETTINGS_END = "# ---- end settings"
+
+
+@dataclass
+class Resources:
+    """What the job asks for. Without GPUs (`gpus_per_node: 0`) the processes run on CPUs with gloo."""
+
+    nodes: int = 1
+    """Machines. With the local backend and nodes > 1, one `accelerate launch` per machine rank is started on
+    this host: a test of the multi-node rendezvous, not a way to train faster."""
+    gpus_per_node: int = 0
+    """GPUs per node (0: CPU processes)."""
+    processes_per_node: int | None = None
+    """Training processes per node (default: gpus_per_node, or 1 without GPUs)."""
+    cpus_per_task: int | None = None
+    """Slurm --cpus-per-task (one task per node runs the node's accelerate launcher and its processes)."""
+    mem: str | None = None
+    """Slurm --mem per node, e.g. `512G` (`0`: all of it)."""
+    time: str | None = None
+    """Slurm --time, e.g. `24:00:00` or `2-00:00:00`."""
+    partition: str | None = None
+    """Slurm --partition."""
+    account: str | None = None
+    """Slurm --account."""
+
+
+@dataclass
+class SlurmOptions:
+    """Slurm batch script settings (backend: slurm)."""
+
+    script: Literal["auto", "single-node", "multi-node"] = "auto"
+    """Template under launch/slurm/ (`auto`: single-node for one node, else multi-node)."""
+    job_name: str = "flux2-lora"
+    """Slurm --job-name."""
+    signal_seconds: int = 300
+    """SIGUSR1 this many seconds before the time limit: the trainer checkpoints and the job requeues itself."""
+    max_restarts: int = 20
+    """Stop requeueing after this many restarts of one job."""
+    log: str | None = None
+    """Slurm --output (default: OUTPUT/launch/slurm-%j.out; appended to across requeues)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra #SBATCH options, e.g. ["--qos=high", "--constraint=h100", "--exclusive"]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run at the start of every attempt, e.g. ["module load cuda/12.8", "source ~/venv/bin/activate"]."""
+
+
+@dataclass
+class RayOptions:
+    """Ray job submission (backend: ray; one node for now, multi-node Ray is a later issue)."""
+
+    address: str = "http://127.0.0.1:8265"
+    """Ray dashboard address of the cluster (`ray job submit --address`)."""
+    working_dir: str | None = None
+    """runtime_env working_dir uploaded with the job (default: none; the package must be installed on the cluster)."""
+    entrypoint_num_gpus: float | None = None
+    """GPUs reserved for the entrypoint (default: resources.gpus_per_node)."""
+    entrypoint_num_cpus: float | None = None
+    """CPUs reserved for the entrypoint (default: resources.cpus_per_task)."""
+    no_wait: bool = False
+    """Return after submitting instead of following the job's logs."""
+
+
+@dataclass
+class Manifest:
+    """Where and how a recipe runs."""
+
+    recipe: str
+    """A recipe YAML file or a preset name (`flux2-lora --help` lists presets)."""
+    output: str
+    """Output folder (the recipe's output.dir); launch files go to OUTPUT/launch/. On a cluster it must be on a
+    file system every node sees."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted recipe fields and their values, e.g. {training.max_steps: 2000, data.dataset: /data/shards}."""
+    resources: Resources = field(default_factory=Resources)
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
+    """ddp replicates the model; fsdp is FSDP2; zero2/zero3 are DeepSpeed ZeRO stages (pip install 'flux2-lora[deepspeed]')."""
+    shard_base: bool = True
+    """fsdp and zero3: shard the frozen transformer across processes."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """zero2/zero3: CPU offload of the optimizer state (`optimizer`), with zero3 also of the parameters (`all`)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: the recipe's training.mixed_precision, and if that is auto too, bf16 on GPUs and no on CPUs."""
+    backend: Literal["local", "slurm", "ray"] = "local"
+    """local: `accelerate launch` here; slurm: sbatch a rendered batch script; ray: `ray job submit`."""
+    env: dict[str, str | int | float | bool] = field(default_factory=dict)
+    """Environment variables for the training processes, e.g. {HF_HOME: /shared/hf, NCCL_DEBUG: WARN}."""
+    main_port: int = 29500
+    """Rendezvous port on the main (rank 0) machine."""
+    resume: bool = True
+    """Pass `--resume latest`: continue from the newest checkpoint in OUTPUT (or start fresh). Slurm jobs always do."""
+    python: str | None = None
+    """Python interpreter on the nodes (default: the one running `flux2-lora launch`)."""
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
+
+
+@dataclass
+class Plan:
+    """Everything a backend needs, computed once from a manifest."""
+
+    manifest: Manifest
+    out: Path
+    launch_dir: Path
+    python: str
+    nodes: int
+    per_node: int
+    mixed_precision: str
+    train_args: list[str]  # after `-m flux2_lora train`, without --output.dir/--resume
+    accelerate_config: Path
+    deepspeed_json: Path | None
+    env: dict[str, str]
+    batch_size: int = 1  # the recipe's training values DeepSpeed needs
+    accumulation: int = 1
+    max_grad_norm: float = 1.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.per_node
+
+    def train_command(self) -> list[str]:
+        resume = ["--resume", "latest"] if self.manifest.resume or self.manifest.backend == "slurm" else []
+        return ["-m", "flux2_lora", "train", *self.train_args, "--output.dir", str(self.out), *resume]
+
+    def accelerate_command(self, machine_rank: int = 0, main_ip: str = "127.0.0.1") -> list[str]:
+        cmd = [self.python, "-m", "accelerate.commands.launch", "--config_file", str(self.accelerate_config)]
+        if self.nodes > 1:
+            cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", main_ip]
+        return cmd + self.train_command()
+
+
+# ------------------------------------------------------------------------------------------- manifest
+def manifest_parser() -> Any:
+    from jsonargparse import ActionConfigFile
+
+    p = command_parser("launch", "Validate a launch manifest.")
+    p.add_argument("--manifest", action=ActionConfigFile)
+    p.add_class_arguments(Manifest, as_group=False)
+    return p
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest; mistakes raise CliError('<field>: <reason>')."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"MANIFEST: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CliError(f"MANIFEST: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CliError(f"MANIFEST: {path} must be a YAML mapping of manifest fields")
+    _known_fields(raw, Manifest, "")
+    for key, val in (raw.get("env") or {}).items():
+        _need(
+            val is None or isinstance(val, (str, int, float, bool)), f"env.{key}", "must be a string, number or boolean"
+        )
+    parser = manifest_parser()
+    ns = _parse(parser, ["--manifest", str(path)])
+    ns.pop("manifest", None)
+    ns.pop("__path__", None)
+    cfg = parser.instantiate_classes(ns)
+    m = Manifest(**{k: cfg[k] for k in Manifest.__dataclass_fields__})
+    _check(m)
+    return m
+
+
+def _known_fields(raw: dict[str, Any], cls: Any, prefix: str) -> None:
+    """Unknown keys name themselves (jsonargparse would say `Option ... is not accepted`)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, val in raw.items():
+        if key not in names:
+            raise CliError(f"{prefix}{key}: not a manifest field (expected one of {', '.join(sorted(names))})")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub) and isinstance(val, dict):
+            _known_fields(val, sub, f"{prefix}{key}.")
+
+
+def _need(cond: bool, name: str, reason: str) -> None:
+    if not cond:
+        raise CliError(f"{name}: {reason}")
+
+
+def _check(m: Manifest) -> None:
+    r = m.resources
+    _need(r.nodes >= 1, "resources.nodes", f"must be at least 1 (got {r.nodes})")
+    _need(r.gpus_per_node >= 0, "resources.gpus_per_node", f"must be 0 or more (got {r.gpus_per_node})")
+    if r.processes_per_node is not None:
+        _need(
+            r.processes_per_node >= 1,
+            "resources.processes_per_node",
+            f"must be at least 1 (got {r.processes_per_node})",
+        )
+    if r.cpus_per_task is not None:
+        _need(r.cpus_per_task >= 1, "resources.cpus_per_task", f"must be at least 1 (got {r.cpus_per_task})")
+    if r.time is not None:
+        _need(
+            bool(_TIME.match(r.time)),
+            "resources.time",
+            f"must be a Slurm time like 24:00:00 or 2-00:00:00 (got {r.time})",
+        )
+    if r.mem is not None:
+        _need(bool(re.fullmatch(r"\d+[KMGT]?", r.mem)), "resources.mem", f"must be like 512G or 0 (got {r.mem})")
+    _need(1 <= m.main_port <= 65535, "main_port", f"must be a port number (got {m.main_port})")
+    if m.offload != "none":
+        _need(m.strategy in ("zero2", "zero3"), "offload", f"only zero2 and zero3 offload (strategy is {m.strategy})")
+    if m.offload == "all":
+        _need(
+            m.strategy == "zero3",
+            "offload",
+            "`all` (parameters too) needs strategy zero3; zero2 offloads the optimizer",
+        )
+    if m.backend == "ray":
+        _need(
+            r.nodes == 1, "resources.nodes", "the ray backend runs one node for now (multi-node Ray is a later issue)"
+        )
+    _need(m.slurm.signal_seconds >= 0, "slurm.signal_seconds", f"must be 0 or more (got {m.slurm.signal_seconds})")
+    for key in m.env:
+        _need(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key)), f"env.{key}", "not a valid environment variable name")
+    for key in m.overrides:
+        _need(bool(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+", key)), f"overrides.{key}", "must be a dotted recipe field")
+        _need(
+            key not in ("output.dir",) and not key.startswith("distributed."),
+            f"overrides.{key}",
+            "set by the manifest itself (output, strategy, shard_base, offload)",
+        )
+
+
+def _value(v: Any) -> str:
+    """A YAML/JSON value as a jsonargparse command-line value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def recipe_args(m: Manifest) -> list[str]:
+    """`--preset NAME` or `--config FILE`, then the overrides, as train flags."""
+    if m.recipe in presets() and not Path(m.recipe).suffix:
+        args = ["--preset", m.recipe]
+    else:
+        path = Path(m.recipe).expanduser()
+        if not path.is_file():
+            raise CliError(
+                f"recipe: {m.recipe} is neither a recipe file nor a preset (presets: {', '.join(presets())})"
+            )
+        args = ["--config", str(path.resolve())]
+    for key, val in m.overrides.items():
+        args += [f"--{key}", _value(val)]
+    return args
+
+
+def _recipe_error(text: str, m: Manifest) -> str:
+    """A recipe/override mistake, named as the manifest field that holds it."""
+    unknown = re.search(r"unrecognized arguments: --(\S+)", text)
+    if unknown:
+        return f"overrides.{unknown.group(1)}: not a recipe field (every field: recipes/base.yaml)"
+    key = text.split(":", 1)[0]
+    if key in m.overrides:
+        return f"overrides.{text}"
+    return f"recipe {m.recipe}: {text}"
+
+
+def plan(m: Manifest) -> Plan:
+    """Resolve the manifest against its recipe (checked here, before anything is submitted)."""
+    r = m.resources
+    per_node = r.processes_per_node or r.gpus_per_node or 1
+    args = recipe_args(m)
+    try:
+        recipe, _ = parse_train([*args, "--output.dir", m.output], need_data=False)
+    except (CliError, RecipeError) as e:
+        raise CliError(_recipe_error(str(e), m)) from None
+    mp = m.mixed_precision
+    if mp == "auto":
+        mp = recipe.training.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if r.gpus_per_node > 0 else "no"
+    args += [
+        "--distributed.strategy", m.strategy,
+        "--distributed.shard_base", _value(m.shard_base),
+        "--distributed.offload", m.offload,
+        "--training.mixed_precision", mp,
+    ]  # fmt: skip
+    out = Path(m.output).expanduser().resolve()
+    launch_dir = out / "launch"
+    env = {k: _value(v) for k, v in m.env.items()}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if r.gpus_per_node == 0:
+        # accelerate's multi-process launcher does not pass `use_cpu` on: without this each CPU process would
+        # build a single-process Accelerator (gloo DDP needs it, DESIGN.md).
+        env.setdefault("ACCELERATE_USE_CPU", "1")
+    return Plan(
+        manifest=m,
+        out=out,
+        launch_dir=launch_dir,
+        python=m.python or sys.executable,
+        nodes=r.nodes,
+        per_node=per_node,
+        mixed_precision=mp,
+        train_args=args,
+        accelerate_config=launch_dir / "accelerate_config.yaml",
+        deepspeed_json=launch_dir / "deepspeed.json" if m.strategy in ("zero2", "zero3") else None,
+        env=env,
+        batch_size=recipe.training.batch_size,
+        accumulation=recipe.training.gradient_accumulation,
+        max_grad_norm=recipe.training.max_grad_norm,
+    )
+
+
+# ------------------------------------------------------------------------------------- rendered files
+def accelerate_config(p: Plan) -> dict[str, Any]:
+    """The accelerate config (what `accelerate config` would write) for the plan's layout and strategy."""
+    m = p.manifest
+    cpu = m.resources.gpus_per_node == 0
+    if m.strategy == "zero2" or m.strategy == "zero3":
+        dist = "DEEPSPEED"
+    elif m.strategy == "fsdp":
+        dist = "FSDP"
+    else:
+        dist = "MULTI_GPU" if p.world_size > 1 else "NO"
+    cfg: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": dist,
+        "num_machines": p.nodes,
+        "num_processes": p.world_size,
+        "machine_rank": 0,
+        "main_training_function": "main",
+        "mixed_precision": p.mixed_precision,
+        "use_cpu": cpu,
+        "gpu_ids": "all",
+        "downcast_bf16": "no",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "tpu_env": [],
+        "tpu_use_cluster": False,
+        "tpu_use_sudo": False,
+    }
+    if p.nodes > 1 or p.world_size > 1:
+        cfg["main_process_port"] = m.main_port
+    if p.nodes > 1:
+        cfg["main_process_ip"] = "127.0.0.1"  # every launch passes the real one (--main_process_ip)
+    if p.deepspeed_json is not None:
+        cfg["deepspeed_config"] = {
+            "deepspeed_config_file": str(p.deepspeed_json),
+            # One launcher per node started by us (srun, or a loop on localhost), not DeepSpeed's pdsh runner.
+            "deepspeed_multinode_launcher": "standard",
+            "zero3_init_flag": m.strategy == "zero3" and m.shard_base,
+        }
+    if m.strategy == "fsdp":
+        cfg["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": "Flux2TransformerBlock,Flux2SingleTransformerBlock",
+            "fsdp_reshard_after_forward": m.shard_base,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": False,
+            "fsdp_activation_checkpointing": False,
+        }
+    return cfg
+
+
+def deepspeed_config(p: Plan) -> dict[str, Any]:
+    """DeepSpeed JSON for zero2/zero3: concrete values from the recipe; `train_batch_size` is left to accelerate."""
+    m = p.manifest
+    stage = 3 if m.strategy == "zero3" else 2
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
+    if m.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": m.resources.gpus_per_node > 0}
+    if stage == 3:
+        if m.offload == "all":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": m.resources.gpus_per_node > 0}
+        # Full 16-bit weights on save: the LoRA is exported whole from rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": "auto",  # accelerate: micro batch x accumulation x processes
+        "train_micro_batch_size_per_gpu": p.batch_size,
+        "gradient_accumulation_steps": p.accumulation,
+        "gradient_clipping": p.max_grad_norm,
+        "bf16": {"enabled": p.mixed_precision == "bf16"},
+        "fp16": {"enabled": p.mixed_precision == "fp16"},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000_000,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def _settings_block(p: Plan) -> list[str]:
+    m = p.manifest
+    q = shlex.quote
+    lines = [
+        f"{_SETTINGS_BEGIN}: written by `flux2-lora launch`; edit them to use this script by hand ----",
+        f"PYTHON={q(p.python)}",
+        f"OUTPUT_DIR={q(str(p.out))}",
+        f"ACCELERATE_CONFIG={q(str(p.accelerate_config))}",
+        f"MAIN_PORT={m.main_port}",
+        f"MAX_RESTARTS={m.slurm.max_restarts}",
+        "TRAIN_ARGS=(" + " ".join(q(a) for a in p.train_args) + ")",
+    ]
+    lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
+    lines += list(m.slurm.setup)
+    lines.append(f"{_SETTINGS_END} ----")
+    return lines
+
+
+def _sbatch_lines(p: Plan, script: str) -> list[str]:
+    m, r = p.manifest, p.manifest.resources
+    log = m.slurm.log or str(p.launch_dir / "slurm-%j.out")
+    lines = [
+        f"--job-name={m.slurm.job_name}",
+        f"--nodes={p.nodes}",
+    ]
+    if script == "multi-node":
+        lines.append("--ntasks-per-node=1")  # one accelerate launcher per node starts the node's processes
+    else:
+        lines.append("--ntasks=1")
+    if r.gpus_per_node:
+        lines.append(f"--gpus-per-node={r.gpus_per_node}")
+    if r.cpus_per_task:
+        lines.append(f"--cpus-per-task={r.cpus_per_task}")
+    if r.mem:
+        lines.append(f"--mem={r.mem}")
+    if r.time:
+        lines.append(f"--time={r.time}")
+    if r.partition:
+        lines.append(f"--partition={r.partition}")
+    if r.account:
+        lines.append(f"--account={r.account}")
+    lines += [f"--output={log}", "--open-mode=append", "--requeue"]
+    if m.slurm.signal_seconds:
+        lines.append(f"--signal=B:USR1@{m.slurm.signal_seconds}")
+    lines += list(m.slurm.sbatch_args)
+    return ["#SBATCH " + ln for ln in lines]
+
+
+def slurm_script_name(p: Plan) -> str:
+    s = p.manifest.slurm.script
+    return ("single-node" if p.nodes == 1 else "multi-node") if s == "auto" else s
+
+
+def render_sbatch(p: Plan, template_dir: Path = SLURM_DIR) -> str:
+    """The launch/slurm/ template with its #SBATCH header and settings block replaced."""
+    name = slurm_script_name(p)
+    if name == "single-node" and p.nodes > 1:
+        raise CliError(f"slurm.script: single-node cannot run resources.nodes={p.nodes}; use multi-node or auto")
+    template = (template_dir / f"{name}.sbatch").read_text().splitlines()
+    out: list[str] = []
+    in_settings = header_done = False
+    for line in template:
+        if line.startswith("#SBATCH"):
+            if not header_done:
+                out += _sbatch_lines(p, name)
+                header_done = True
+            continue
+        if line.startswith(_SETTINGS_BEGIN):
+            in_settings = True
+            out += _settings_block(p)
+            continue
+        if in_settings:
+            in_settings = not line.startswith(_SETTINGS_END)
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def write_files(p: Plan) -> dict[str, Path]:
+    p.launch_dir.mkdir(parents=True, exist_ok=True)
+    files = {"accelerate_config": p.accelerate_config}
+    p.accelerate_config.write_text(yaml.safe_dump(accelerate_config(p), sort_keys=False))
+    if p.deepspeed_json is not None:
+        p.deepspeed_json.write_text(json.dumps(deepspeed_config(p), indent=2) + "\n")
+        files["deepspeed"] = p.deepspeed_json
+    if p.manifest.backend == "slurm":
+        path = p.launch_dir / "job.sbatch"
+        path.write_text(render_sbatch(p))
+        path.chmod(0o755)
+        files["sbatch"] = path
+    return files
+
+
+# ------------------------------------------------------------------------------------------- backends
+def _show(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    return (prefix + " " if prefix else "") + shlex.join(cmd)
+
+
+def local_commands(p: Plan) -> list[list[str]]:
+    """One accelerate launch per machine rank, all on this host (nodes > 1 tests the multi-node rendezvous)."""
+    return [p.accelerate_command(rank, "127.0.0.1") for rank in range(p.nodes)]
+
+
+def _ignore_usr1() -> None:
+    # The launchers (accelerate, torchrun) have no SIGUSR1 handler and would die of it; the trainer installs its
+    # own handler over the inherited "ignore". The new session lets us signal a node's whole process tree.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def run_local(p: Plan) -> int:
+    """Run the launchers, stream their output (prefixed by machine rank when there are several), return the code.
+
+    SIGUSR1/SIGTERM sent to `flux2-lora launch` reach every training process as SIGUSR1 (checkpoint and stop);
+    the launch then exits 75 like the trainer, so a wrapper can relaunch it and resume.
+    """
+    env = {**os.environ, **p.env}
+    procs: list[subprocess.Popen[str]] = []
+    stopping: list[str] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopping.append(signal.Signals(signum).name)
+        print(f"flux2-lora launch: received {signal.Signals(signum).name}; asking the trainers to checkpoint and stop")
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    threads = []
+    try:
+        for rank, cmd in enumerate(local_commands(p)):
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                start_new_session=True, preexec_fn=_ignore_usr1,
+            )  # fmt: skip
+            procs.append(proc)
+            prefix = f"[node {rank}] " if p.nodes > 1 else ""
+            t = threading.Thread(target=_pump, args=(proc, prefix), daemon=True)
+            t.start()
+            threads.append(t)
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            proc.wait()
+        raise
+    finally:
+        for t in threads:
+            t.join(timeout=5)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    bad = [c for c in codes if c != 0]
+    if not bad:
+        return 0
+    # accelerate launch reports a failed worker as exit 1; after a stop we asked for, that is the requeue case.
+    if EXIT_REQUEUE in bad or stopping:
+        return EXIT_REQUEUE
+    return bad[0]
+
+
+def _pump(proc: subprocess.Popen[str], prefix: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(prefix + line)
+        sys.stdout.flush()
+
+
+def slurm_command(files: dict[str, Path]) -> list[str]:
+    return ["sbatch", "--parsable", str(files["sbatch"])]
+
+
+def submit_slurm(cmd: list[str]) -> int:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CliError(f"sbatch: {(res.stderr or res.stdout).strip() or f'exit {res.returncode}'}")
+    job = res.stdout.strip().split(";")[0]
+    print(f"submitted Slurm job {job}")
+    return 0
+
+
+def ray_command(p: Plan) -> list[str]:
+    m = p.manifest
+    runtime: dict[str, Any] = {"env_vars": p.env}
+    if m.ray.working_dir:
+        runtime["working_dir"] = m.ray.working_dir
+    cmd = ["ray", "job", "submit", "--address", m.ray.address, "--runtime-env-json", json.dumps(runtime)]
+    gpus = m.ray.entrypoint_num_gpus if m.ray.entrypoint_num_gpus is not None else m.resources.gpus_per_node
+    cpus = m.ray.entrypoint_num_cpus if m.ray.entrypoint_num_cpus is not None else m.resources.cpus_per_task
+    if gpus:
+        cmd += ["--entrypoint-num-gpus", _value(gpus)]
+    if cpus:
+        cmd += ["--entrypoint-num-cpus", _value(cpus)]
+    if m.ray.no_wait:
+        cmd.append("--no-wait")
+    # On the cluster the interpreter is the job's own `python`, not this machine's path.
+    launch = p.accelerate_command()
+    launch[0] = m.python or "python"
+    return [*cmd, "--", *launch]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def cmd_launch(argv: list[str]) -> int:
+    p = command_parser(
+        "launch",
+        "Start a recipe as the MANIFEST says: `accelerate launch` here (local), an sbatch job (slurm) or a Ray job "
+        "(ray: checked with --dry-run so far; a real Ray cluster run is a later issue). Files go to OUTPUT/launch/. "
+        "Examples: launch/manifests/.",
+    )
+    p.add_argument("manifest", type=str, help="Manifest YAML (fields: see launch/manifests/ and the README).")
+    p.add_argument("--output", type=str | None, default=None, help="Use this output folder instead of the manifest's.")
+    p.add_argument("--dry-run", action="store_true", help="Write the files and print the commands; run nothing.")
+    a = _parse(p, argv)
+    m = load_manifest(a.manifest)
+    if a.output:
+        m.output = a.output
+    pl = plan(m)
+    files = write_files(pl)
+    for name, path in files.items():
+        print(f"wrote {name}: {path}")
+    print(
+        f"{pl.nodes} node(s) x {pl.per_node} process(es) = {pl.world_size}, strategy {m.strategy}, "
+        f"mixed precision {pl.mixed_precision}, backend {m.backend}"
+    )
+    if m.backend == "local":
+        cmds = local_commands(pl)
+        for cmd in cmds:
+            print("run: " + _show(cmd, pl.env))
+        if a.dry_run:
+            return 0
+        if pl.nodes > 1:
+            print(f"local: {pl.nodes} machine ranks on this host (a rendezvous test, not a multi-node speed-up)")
+        return run_local(pl)
+    if m.backend == "slurm":
+        print(
+            f"each node runs: {shlex.join(pl.accelerate_command(0, '$MAIN_ADDR'))}".replace(
+                "--machine_rank 0", "--machine_rank $SLURM_NODEID"
+            )
+            if pl.nodes > 1
+            else f"the job runs: {shlex.join(pl.accelerate_command())}"
+        )
+        cmd = slurm_command(files)
+        print("run: " + _show(cmd))
+        if a.dry_run:
+            return 0
+        return submit_slurm(cmd)
+    cmd = ray_command(pl)
+    print("run: " + _show(cmd))
+    if a.dry_run:
+        return 0
+    return subprocess.call(cmd)

@@ -1,0 +1,304 @@
+"""`flux2-lora launch`: rendered configs (accelerate's and DeepSpeed's own loaders), manifest errors, a 2-"node"
+local launch, and the Slurm batch scripts on a real single-node Slurm cluster (installed and started here)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from flux2_lora.cli import main
+from tests.conftest import run_cli
+from tests.integration.slurm_cluster import SlurmCluster, SlurmUnavailable, install
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "launch" / "manifests"
+EXAMPLES = ["one-gpu", "node-8xh100-zero2", "slurm-4nodes-fsdp", "cpu-2proc", "ray-1node"]
+TINY_FAST = {"validation.prompts": [], "validation.every_n_steps": 0, "logging.tensorboard": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _manifest(path: Path, **fields: object) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def _dry_run(manifest: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(["launch", str(manifest), "--dry-run", "--output", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    return text.out
+
+
+# ------------------------------------------------------------------------------------------- dry run
+def _check_deepspeed(path: Path, stage: int, world: int) -> dict:
+    cfg = json.loads(path.read_text())
+    assert cfg["zero_optimization"]["stage"] == stage
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    hf = HfDeepSpeedConfig(dict(cfg))  # accelerate's reader ("auto" allowed)
+    assert hf.get_value("zero_optimization.stage") == stage and hf.is_zero3() == (stage == 3)
+    deepspeed = pytest.importorskip("deepspeed.runtime.config")
+    filled = dict(cfg)
+    # accelerate fills train_batch_size = micro batch x accumulation x processes; DeepSpeed checks the product
+    # against its own world size, which is 1 outside a process group.
+    filled["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+    ds = deepspeed.DeepSpeedConfig(filled)
+    assert ds.zero_optimization_stage == stage
+    assert ds.gradient_clipping == cfg["gradient_clipping"]
+    assert ds.bfloat16_config.enabled == cfg["bf16"]["enabled"]
+    assert world >= 1
+    return cfg
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_dry_run_of_each_example_manifest(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    manifest = yaml.safe_load((MANIFESTS / f"{name}.yaml").read_text())
+    out = tmp_path / "out"
+    stdout = _dry_run(MANIFESTS / f"{name}.yaml", out, capsys)
+    res = manifest.get("resources", {})
+    nodes, gpus = res.get("nodes", 1), res.get("gpus_per_node", 0)
+    world = nodes * (res.get("processes_per_node") or gpus or 1)
+
+    cfg = load_config_from_file(str(out / "launch" / "accelerate_config.yaml"))  # accelerate's own loader
+    assert (cfg.num_machines, cfg.num_processes) == (nodes, world)
+    assert cfg.use_cpu == (gpus == 0)
+    strategy = manifest.get("strategy", "ddp")
+    expected = {"zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}.get(
+        strategy, "MULTI_GPU" if world > 1 else "NO"
+    )
+    assert str(cfg.distributed_type).split(".")[-1] == expected
+    assert f"--distributed.strategy {strategy}" in stdout
+    for key in manifest.get("overrides", {}):
+        assert f"--{key} " in stdout
+    if strategy.startswith("zero"):
+        assert cfg.deepspeed_config["deepspeed_config_file"] == str(out / "launch" / "deepspeed.json")
+        ds = _check_deepspeed(out / "launch" / "deepspeed.json", int(strategy[-1]), world)
+        assert ds["bf16"]["enabled"] == (manifest.get("mixed_precision") == "bf16")
+    else:
+        assert not (out / "launch" / "deepspeed.json").exists()
+    if strategy == "fsdp":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+    backend = manifest.get("backend", "local")
+    if backend == "local":
+        runs = [ln for ln in stdout.splitlines() if ln.startswith("run: ")]
+        assert len(runs) == nodes and all("accelerate.commands.launch --config_file" in r for r in runs)
+        assert "--resume latest" in runs[0] and f"--output.dir {out}" in runs[0]
+    if backend == "slurm":
+        script = out / "launch" / "job.sbatch"
+        assert f"run: sbatch --parsable {script}" in stdout
+        text = script.read_text()
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        for line in (f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus}", "--requeue",
+                     "--open-mode=append", "--signal=B:USR1@300", f"--time={res['time']}"):  # fmt: skip
+            assert f"#SBATCH {line}\n" in text
+        assert '--machine_rank "$SLURM_NODEID"' in text and "scontrol show hostnames" in text
+        assert f"OUTPUT_DIR={out}\n" in text and "--resume latest" in text
+    if backend == "ray":
+        run = next(ln for ln in stdout.splitlines() if ln.startswith("run: ray job submit"))
+        env = json.loads(run.split("--runtime-env-json ")[1].split("' ")[0].strip("'"))
+        assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+        assert " -- python -m accelerate.commands.launch --config_file " in run
+
+
+@pytest.mark.parametrize("offload", ["none", "optimizer", "all"])
+def test_zero3_deepspeed_json(offload: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = yaml.safe_load((MANIFESTS / "node-8xh100-zero2.yaml").read_text())
+    manifest.update(strategy="zero3", offload=offload)
+    _dry_run(_manifest(tmp_path / "m.yaml", **manifest), tmp_path / "out", capsys)
+    launch = tmp_path / "out" / "launch"
+    ds = _check_deepspeed(launch / "deepspeed.json", 3, 8)
+    zero = ds["zero_optimization"]
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_optimizer" in zero) == (offload != "none")
+    assert ("offload_param" in zero) == (offload == "all")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (2, 1.0)  # from the recipe
+    assert yaml.safe_load((launch / "accelerate_config.yaml").read_text())["deepspeed_config"]["zero3_init_flag"]
+
+
+BAD = [
+    ({"resources": {"nodes": "two"}}, "resources.nodes: "),
+    ({"strategy": "zero4"}, "strategy: must be one of ddp, fsdp, zero2, zero3"),
+    ({"backend": "k8s"}, "backend: must be one of local, slurm, ray"),
+    ({"resources": {"nodes": 0}}, "resources.nodes: must be at least 1"),
+    ({"resources": {"time": "tomorrow"}}, "resources.time: must be a Slurm time"),
+    ({"offload": "optimizer"}, "offload: only zero2 and zero3 offload"),
+    ({"overrides": {"training.max_stepz": 3}}, "overrides.training.max_stepz: not a recipe field"),
+    ({"overrides": {"training.max_steps": "many"}}, "overrides.training.max_steps: must be an int (got many)"),
+    ({"overrides": {"distributed.strategy": "ddp"}}, "overrides.distributed.strategy: set by the manifest"),
+    ({"env": {"A": [1, 2]}}, "env.A: must be a string, number or boolean"),
+    ({"resources": {"gpus": 1}}, "resources.gpus: not a manifest field"),
+    ({"recipe": "no-such-preset"}, "recipe: no-such-preset is neither a recipe file nor a preset"),
+    ({"resourcez": {"nodes": 1}}, "resourcez: not a manifest field"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_manifest_field_is_one_line_error(
+    change: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = {"recipe": "tiny", "output": str(tmp_path / "out"), **change}
+    code = main(["launch", str(_manifest(tmp_path / "m.yaml", **manifest)), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("flux2-lora: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out" / "launch").exists()
+
+
+def test_bad_manifest_from_the_command_line_has_no_traceback(tmp_path: Path) -> None:
+    m = _manifest(tmp_path / "m.yaml", recipe="tiny", output=str(tmp_path / "o"), resources={"gpus_per_node": -1})
+    res = run_cli("launch", str(m), "--dry-run")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "flux2-lora: error: resources.gpus_per_node: must be 0 or more (got -1)"
+
+
+# ----------------------------------------------------------------------------------- local 2 "nodes"
+@pytest.mark.slow
+def test_two_node_local_launch_trains_one_lora(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
+    """2 machine ranks x 1 CPU process on localhost, rendezvous over TCP: one run, one LoRA."""
+    out = tmp_path / "run"
+    m = _manifest(
+        tmp_path / "m.yaml",
+        recipe="tiny",
+        output=str(out),
+        overrides={"training.max_steps": 10, "output.checkpoint_every": 10, **TINY_FAST},
+        resources={"nodes": 2, "processes_per_node": 1},
+        main_port=_free_port(),
+        env={"OMP_NUM_THREADS": 1},
+    )
+    res = run_cli("launch", str(m))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = [ln for ln in res.stdout.splitlines() if ln.startswith("run: ")]
+    assert len(runs) == 2 and "--machine_rank 0" in runs[0] and "--machine_rank 1" in runs[1]
+    assert "[node 0] " in res.stdout and "[node 1] " in res.stdout
+    state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert res.stdout.count("saved " + str(out / "lora.safetensors")) == 1  # one LoRA, from rank 0
+    assert len(load_file(str(out / "lora.safetensors"))) > 0
+
+
+# --------------------------------------------------------------------------------------------- Slurm
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    try:
+        install()
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+        cluster.start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no Slurm here: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _slurm_manifest(tmp_path: Path, script: str, steps: int, every: int) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    m = _manifest(
+        tmp_path / "m.yaml",
+        recipe="tiny",
+        output=str(out),
+        overrides={"training.max_steps": steps, "output.checkpoint_every": every, **TINY_FAST},
+        resources={"nodes": 1, "processes_per_node": 2, "cpus_per_task": 2},
+        backend="slurm",
+        main_port=_free_port(),
+        env={"OMP_NUM_THREADS": 1},
+        slurm={"script": script, "job_name": f"t-{script}", "signal_seconds": 0},
+    )
+    return m, out
+
+
+def _render(m: Path, out: Path) -> Path:
+    res = run_cli("launch", str(m), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    return out / "launch" / "job.sbatch"
+
+
+def _wait_for_checkpoint(out: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
+        time.sleep(0.2)
+
+
+def _log(out: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((out / "launch").glob("slurm-*.out")))
+
+
+@pytest.mark.slow
+def test_slurm_job_cancelled_and_resubmitted_resumes(
+    slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
+) -> None:
+    """single-node.sbatch, 2 CPU processes: scancel mid-run, sbatch again, it resumes and writes the LoRA."""
+    m, out = _slurm_manifest(tmp_path, "single-node", steps=400, every=5)
+    script = _render(m, out)
+    job = slurm.sbatch(script)
+    _wait_for_checkpoint(out, 180)
+    subprocess.run(["scancel", job], env=slurm.env, check=True)
+    info = slurm.wait(job, ("CANCELLED", "COMPLETED", "FAILED"), 90)
+    assert info["JobState"] == "CANCELLED", _log(out)
+    assert not (out / "lora.safetensors").exists()
+    again = slurm.sbatch(script)
+    info = slurm.wait(again, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED", log + slurm._logs()
+    assert "resumed from " in log and "launcher exit code 0" in log
+    state = json.loads((out / "checkpoints" / "step-400" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert len(load_file(str(out / "lora.safetensors"))) > 0
+
+
+@pytest.mark.slow
+def test_slurm_usr1_checkpoints_requeues_and_resumes(
+    slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
+) -> None:
+    """multi-node.sbatch (srun, one launcher per node; 1 node x 2 processes): SIGUSR1 to the batch shell, as
+    `--signal=B:USR1@T` sends before the time limit, makes the trainers checkpoint and stop, the script requeues
+    the job, and the next attempt resumes from the checkpoint and finishes."""
+    m, out = _slurm_manifest(tmp_path, "multi-node", steps=400, every=50)
+    script = _render(m, out)
+    assert "srun --ntasks-per-node=1" in script.read_text()
+    job = slurm.sbatch(script)
+    deadline = time.monotonic() + 180
+    while "train:" not in _log(out) and "step 0" not in _log(out):
+        assert time.monotonic() < deadline, _log(out)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
+    deadline = time.monotonic() + 400
+    while True:
+        info = slurm.state(job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and int(info.get("Restarts", 0)) >= 1:
+            break
+        if info.get("JobState") in ("FAILED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, _log(out) + str(info)
+        time.sleep(1)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED", log + slurm._logs()
+    assert "received SIGUSR1" in log and "requeueing job" in log
+    assert "resumed from " in log
+    assert int(info["Restarts"]) == 1
+    assert len(load_file(str(out / "lora.safetensors"))) > 0
+
+
+def test_slurm_templates_are_valid_bash_with_a_settings_block() -> None:
+    for script in sorted((REPO / "launch" / "slurm").glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        text = script.read_text()
+        assert "# ---- settings" in text and "# ---- end settings" in text
+        assert "--resume latest" in text and "scontrol requeue" in text and "#SBATCH --requeue" in text
