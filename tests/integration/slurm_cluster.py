@@ -51,13 +51,16 @@ def install() -> None:
 class SlurmCluster:
     root: Path
     conf: Path = field(init=False)
-    env: dict[str, str] = field(init=False)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     node: str = ""
 
     def __post_init__(self) -> None:
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The caller's environment now (jobs inherit it: FLUX2_LORA_HOME, HF_HUB_OFFLINE) plus SLURM_CONF."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     # ---------------------------------------------------------------------------------------- start
     def start(self) -> None:

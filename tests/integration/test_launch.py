@@ -245,7 +245,7 @@ def test_slurm_job_cancelled_and_resubmitted_resumes(
     slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
 ) -> None:
     """single-node.sbatch, 2 CPU processes: scancel mid-run, sbatch again, it resumes and writes the LoRA."""
-    m, out = _slurm_manifest(tmp_path, "single-node", steps=400, every=5)
+    m, out = _slurm_manifest(tmp_path, "single-node", steps=160, every=20)
     script = _render(m, out)
     job = slurm.sbatch(script)
     _wait_for_checkpoint(out, 180)
@@ -258,7 +258,7 @@ def test_slurm_job_cancelled_and_resubmitted_resumes(
     log = _log(out)
     assert info["JobState"] == "COMPLETED", log + slurm._logs()
     assert "resumed from " in log and "launcher exit code 0" in log
-    state = json.loads((out / "checkpoints" / "step-400" / "state.json").read_text())
+    state = json.loads((out / "checkpoints" / "step-160" / "state.json").read_text())
     assert state["world_size"] == 2
     assert len(load_file(str(out / "lora.safetensors"))) > 0
 
@@ -270,12 +270,12 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(
     """multi-node.sbatch (srun, one launcher per node; 1 node x 2 processes): SIGUSR1 to the batch shell, as
     `--signal=B:USR1@T` sends before the time limit, makes the trainers checkpoint and stop, the script requeues
     the job, and the next attempt resumes from the checkpoint and finishes."""
-    m, out = _slurm_manifest(tmp_path, "multi-node", steps=400, every=50)
+    m, out = _slurm_manifest(tmp_path, "multi-node", steps=100, every=50)
     script = _render(m, out)
     assert "srun --ntasks-per-node=1" in script.read_text()
     job = slurm.sbatch(script)
     deadline = time.monotonic() + 180
-    while "train:" not in _log(out) and "step 0" not in _log(out):
+    while "train:" not in _log(out):  # the loop has started (its signal handler is in place)
         assert time.monotonic() < deadline, _log(out)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
