@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any
+
+import torch
 
 
 class EarlyStopping:
@@ -74,3 +78,70 @@ class NanGuard:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.streak, self.skipped = d.get("streak", 0), d.get("skipped", 0)
+
+
+class SignalStop:
+    """SIGUSR1 / SIGTERM (a scheduler's warning before a time limit or preemption): checkpoint and exit.
+
+    The handler only records the signal; the loop stops after the current optimizer step, writes a checkpoint
+    and the process exits with EXIT_REQUEUE, which batch scripts read as "requeue me, resume from latest".
+    """
+
+    EXIT_REQUEUE = 75  # EX_TEMPFAIL
+
+    def __init__(self) -> None:
+        self.received = ""
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def update(self, step: int) -> str:
+        return f"received {self.received}" if self.received else ""
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class StopVote:
+    """A stop asked for by any process is taken by all of them at the same step, without a per-step host sync.
+
+    Each step, every process adds its local flags (a signal; any other reason, e.g. its own clock) to an
+    all-reduce on the device; the host reads the result one step later (it waits only for that earlier reduce,
+    which finished before the current step's work), so all processes see the same values at the same step and
+    take the same path. One process needs no vote. Returns (reason, stopped by a signal).
+    """
+
+    def __init__(self, accelerator: Any, device: torch.device):
+        self.acc, self.device = accelerator, device
+        self.pin = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, Any, str, str] | None = None
+
+    def update(self, signal_reason: str, other_reason: str) -> tuple[str, bool]:
+        if self.acc.num_processes == 1:
+            return signal_reason or other_reason, bool(signal_reason)
+        local = torch.tensor([float(bool(signal_reason)), float(bool(other_reason))], pin_memory=self.pin)
+        total = self.acc.reduce(local.to(self.device, non_blocking=True), reduction="sum")
+        host = torch.empty(2, pin_memory=self.pin)
+        host.copy_(total, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        previous, self.pending = self.pending, (host, event, signal_reason, other_reason)
+        if previous is None:
+            return "", False
+        prev_host, prev_event, prev_signal, prev_other = previous
+        if prev_event is not None:
+            prev_event.synchronize()
+        signalled, other = (float(v) > 0 for v in prev_host)
+        if signalled:
+            return prev_signal or signal_reason or "received a signal on another process", True
+        if other:
+            return prev_other or other_reason or "another process asked to stop", False
+        return "", False

@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .distributed import load_optimizer, load_trainable
+
 LORA_FILE = "lora.safetensors"
 METADATA_PREFIX = "flux2_lora."
 
@@ -61,11 +63,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
-    """The adapter's tensors with PEFT's names (no `.default`), contiguous on the CPU."""
+def lora_state_dict(transformer: Any, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors with PEFT's names (no `.default`), contiguous on the CPU.
+
+    `state_dict`: whole tensors by parameter name, when the model's own are sharded (gathered by the caller)."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(transformer)
+    sd = get_peft_model_state_dict(transformer, state_dict=state_dict)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
@@ -76,13 +80,14 @@ def save_lora(
     lora_config: dict[str, Any],
     metadata: dict[str, Any],
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `path` (a .safetensors file) with `pipeline_cls.save_lora_weights`, plus our metadata.
 
     Keys are `transformer.<module>.lora_A/B.weight`; the header carries diffusers' adapter metadata
     and `flux2_lora.*` fields (base model, trigger, rank, alpha, targets, steps).
     """
-    layers = lora_state_dict(transformer)
+    layers = lora_state_dict(transformer, state_dict)
     if dtype is not None:
         layers = {k: v.to(dtype) for k, v in layers.items()}
     tmp_dir = path.parent / f".tmp-{path.stem}"
@@ -141,9 +146,8 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as (tensors for safetensors, JSON). Handles nested state (bitsandbytes 8-bit)."""
-    sd = optimizer.state_dict()
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state_dict as (tensors for safetensors, JSON). Handles nested state (bitsandbytes 8-bit)."""
     tensors: dict[str, torch.Tensor] = {}
     state = {str(idx): _split_tensors(st, str(idx), tensors) for idx, st in sd["state"].items()}
     return tensors, {"param_groups": sd["param_groups"], "state": state}
@@ -158,15 +162,11 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": groups}
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(
     root: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     rng: dict[str, torch.Tensor],
     export_lora: Any,
@@ -179,8 +179,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
@@ -251,15 +251,14 @@ def load_checkpoint(
             f"--resume: {path} does not match this recipe's LoRA ({len(missing)} missing, {len(unknown)} unexpected "
             f"tensors, e.g. {(missing or unknown)[0]}); resume with the recipe that wrote it"
         )
-    with torch.no_grad():
-        for n, t in saved.items():
-            if params[n].shape != t.shape:
-                raise CheckpointError(
-                    f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}"
-                )
-            params[n].copy_(t.to(params[n].dtype))
+    for n, t in saved.items():
+        if params[n].shape != t.shape:
+            raise CheckpointError(
+                f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}"
+            )
+    load_trainable(model, saved)  # sharded like the model's parameters where they are sharded
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
+    load_optimizer(optimizer, _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
     state = json.loads((path / "state.json").read_text())
     rng = load_file(str(path / "rng.safetensors"))
     return state, rng

@@ -156,10 +156,11 @@ def parse_train(argv: list[str], need_data: bool = True) -> tuple[Recipe, str | 
 
 def cmd_train(argv: list[str]) -> int:
     recipe, resume = parse_train(argv)
+    from .callbacks import SignalStop
     from .train import train
 
-    train(recipe, resume=resume)
-    return 0
+    final = train(recipe, resume=resume)
+    return 0 if final is not None else SignalStop.EXIT_REQUEUE
 
 
 def command_parser(name: str, description: str) -> Any:
@@ -252,17 +253,24 @@ def _data_shard(argv: list[str]) -> int:
 
 
 def _data_cache(argv: list[str]) -> int:
-    """`data cache --shards S|--dataset D --output C [recipe flags]`: the cache stage alone, for reuse by `train`."""
-    out, rest, i = None, [], 0
+    """`data cache --shards S|--dataset D --output C [--shard-size N] [recipe flags]`: the cache stage alone.
+
+    Training reads the cache folder as `--dataset C`. Write at least (processes x workers) shards so that every
+    process and worker gets some (`--shard-size`, default 1000 samples per shard)."""
+    out, rest, i, shard_size = None, [], 0, 1000
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
-        if key in ("--output", "--shards"):
+        if key in ("--output", "--shards", "--shard-size"):
             if not eq:
                 if i + 1 >= len(argv):
                     raise CliError(f"{key}: needs a value")
                 val, i = argv[i + 1], i + 1
             if key == "--output":
                 out = val
+            elif key == "--shard-size":
+                if not val.isdigit() or int(val) < 1:
+                    raise CliError(f"--shard-size: must be a whole number >= 1 (got {val})")
+                shard_size = int(val)
             else:
                 rest += ["--data.dataset", val]
         else:
@@ -281,7 +289,7 @@ def _data_cache(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     index = build_cache(
         Path(out), settings_for(src, recipe), source, device, encoder_dtype(recipe.model.dtype, device),
-        force_cpu_loading=recipe.model.force_cpu_loading,
+        shard_size=shard_size, force_cpu_loading=recipe.model.force_cpu_loading,
     )  # fmt: skip
     print(
         f"cache {index.root}: {index.num_train} training samples in {len(index.train)} shards, {len(index.val)} val shard(s)"

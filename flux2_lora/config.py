@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -354,3 +355,24 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
 def cache_root() -> Path:
     """Where built-in models and the sample dataset are built (FLUX2_LORA_HOME or ~/.cache/flux2-lora)."""
     return Path(os.environ.get("FLUX2_LORA_HOME", Path.home() / ".cache" / "flux2-lora")).expanduser()
+
+
+def build_once(path: Path, build: Callable[[Path], object], marker: str) -> Path:
+    """Build a builtin artefact at `path` once, even when several processes start together (file lock).
+
+    `marker` is a file inside `path` that exists only when a build finished (builds write to a temporary
+    folder and rename it into place).
+    """
+    import fcntl
+
+    if (path / marker).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (path / marker).exists():
+                build(path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path

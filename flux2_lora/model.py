@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import FAMILY_TEXT_LAYERS, ModelArgs, RecipeError, cache_root
+from .config import FAMILY_TEXT_LAYERS, ModelArgs, RecipeError, build_once, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def resolve_model(args: ModelArgs) -> ModelSource:
                 f"model.name_or_path: unknown builtin {name!r} (use builtin:tiny-dev or builtin:tiny-klein)"
             )
         family = kind.split("-", 1)[1]
-        path = cache_root() / "models" / kind
-        if not (path / "model_index.json").exists():
-            make_tiny_pipeline(path, family=family)
+        path = build_once(
+            cache_root() / "models" / kind, lambda p: make_tiny_pipeline(p, family=family), "model_index.json"
+        )
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
     else:

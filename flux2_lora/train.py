@@ -1,12 +1,14 @@
 """The training loop, top to bottom: setup -> cache -> LoRA -> fit (step, log, validate, checkpoint) -> export.
 
-Read `fit()` for the step. Everything random in it (data order, caption dropout, flips, sigmas, noise)
-comes from (seed, epoch) or from the loop's own generator, which is saved with each checkpoint, so a
-killed run resumes to the same weights as an uninterrupted one.
+Read `fit()` for the step. Everything random in it comes from the seed: the data order from (seed, epoch),
+and each sample's caption dropout, flip, sigma and noise from (seed, data pass, sample key), so a killed run
+resumes to the same weights as an uninterrupted one, and the number of processes does not change the draws.
+The multi-process strategy (DDP, FSDP2) is applied in one place, `distributed.make_accelerator`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -19,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .callbacks import EarlyStopping, NanGuard, WallClock
+from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, WallClock
 from .config import Recipe, validate
 from .data.cache import (
     CacheIndex,
@@ -38,6 +39,7 @@ from .data.cache import (
 )
 from .data.folder import DataError
 from .data.stream import CachedBatches, auto_workers, batches_per_rank, collate
+from .distributed import is_sharded, make_accelerator, optimizer_state, trainable_state, whole
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
@@ -64,6 +66,12 @@ class TrainState:
     step: int = 0
     val_history: list[tuple[int, float]] = field(default_factory=list)
     callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_seed(seed: int, data_pass: int, key: str) -> int:
+    """A stable 63-bit seed for one sample's random draws in one pass over the data."""
+    digest = hashlib.blake2b(f"{seed}:{data_pass}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
@@ -107,12 +115,8 @@ class Trainer:
         if mp == "auto":
             mp = {"bf16": "bf16", "fp16": "fp16"}.get(recipe.model.dtype, "no") if on_gpu else "no"
         trackers = (["tensorboard"] if recipe.logging.tensorboard else []) + (["wandb"] if recipe.logging.wandb else [])
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=t.gradient_accumulation,
-            mixed_precision=mp,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-        )
+        # The multi-process strategy (DDP or FSDP2) is chosen and applied here, in one place.
+        self.accelerator, self.strategy = make_accelerator(recipe, mp, trackers, str(self.out))
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.pin = self.device.type == "cuda"  # pinned host batches: asynchronous copies to the GPU
@@ -173,6 +177,13 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
         self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen base, every step
+        if acc.num_processes > 1:
+            tensors = list(self.model.parameters())
+            sharded = sum(is_sharded(p) for p in tensors)
+            self._print(
+                f"dist  {self.strategy} over {acc.num_processes} processes"
+                + (f": {sharded} of {len(tensors)} parameter tensors sharded (DTensor)" if sharded else "")
+            )
 
         # Data: cached shards streamed by a DataLoader, split by rank and worker, one bucket per batch.
         self.train_data = CachedBatches(
@@ -210,7 +221,9 @@ class Trainer:
             "wall_clock": WallClock(r.callbacks.max_wall_time_minutes),
             "nan_guard": NanGuard(r.callbacks.nan_max_consecutive),
         }
-        self.generator = torch.Generator().manual_seed(r.training.seed + 7919 * acc.process_index)
+        self.signals = SignalStop()
+        self.vote = StopVote(acc, self.device)
+        self.interrupted = False  # stopped by a signal: checkpointed, to be resumed
         self._ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.resume:
             self._restore(self.resume)
@@ -250,23 +263,25 @@ class Trainer:
         acc.wait_for_everyone()
         return read_index(cache_dir)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[dict[str, Any], float]]:
-        """(batch, weight) for one epoch: `repeats` passes over this rank's shards, then zero-weight padding."""
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[dict[str, Any], int, float]]:
+        """(batch, pass, weight) for one epoch: `repeats` passes over this rank's shards, then zero-weight padding."""
         n = 0
         last: dict[str, Any] | None = None
+        data_pass = epoch * self.recipe.data.repeats
         for k in range(self.recipe.data.repeats):
-            self.train_data.set_epoch(epoch * self.recipe.data.repeats + k)
+            data_pass = epoch * self.recipe.data.repeats + k
+            self.train_data.set_epoch(data_pass)
             for batch in self.loader:
                 n += 1
                 last = batch
-                yield batch, 1.0
+                yield batch, data_pass, 1.0
         pad = last if last is not None else collate(self.val_samples[:1])
         while n < self.batches_per_epoch:
             n += 1
-            yield pad, 0.0
+            yield pad, data_pass, 0.0
 
     # ----------------------------------------------------------------------------------------- fit
-    def fit(self) -> Path:
+    def fit(self) -> Path | None:
         r, acc = self.recipe, self.accelerator
         t = r.training
         accum = t.gradient_accumulation
@@ -290,13 +305,10 @@ class Trainer:
         stop_reason = ""
         while self.state.step < t.max_steps and not stop_reason:
             epoch, skip = divmod(micro, self.batches_per_epoch)
-            for batch, weight in itertools.islice(self._epoch_batches(epoch), skip, None):
+            for batch, data_pass, weight in itertools.islice(self._epoch_batches(epoch), skip, None):
                 micro += 1
-                latents, embeds = self._load_batch(batch)
+                latents, embeds, sigmas, noise = self._draw(batch, data_pass)
                 n = len(latents)
-                sigmas = sample_sigmas(n, t.timestep_sampling, self.generator, t.logit_mean, t.logit_std, t.mode_scale)
-                noise = torch.randn(latents.shape, generator=self.generator, pin_memory=self.pin)
-                sigmas = sigmas.pin_memory() if self.pin else sigmas
                 img_ids, txt_ids = self._position_ids(latents, embeds)
                 with acc.accumulate(self.model):
                     # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
@@ -317,7 +329,7 @@ class Trainer:
                     step_loss += loss.detach()
                     if acc.sync_gradients:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
+                        grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))
                         # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
                         # processes so that all take the same decision); the host reads it when it logs.
                         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
@@ -360,8 +372,11 @@ class Trainer:
                 if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
                     val = self.validate_and_sample()
                     stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
-                if r.callbacks.max_wall_time_minutes:
-                    stop_reason = stop_reason or self._agreed(self.callbacks["wall_clock"].update(step))
+                # Time limit or a scheduler's signal on any process: every process stops at the same step.
+                reason, self.interrupted = self.vote.update(
+                    self.signals.update(step), self.callbacks["wall_clock"].update(step)
+                )
+                stop_reason = stop_reason or reason
                 if step == t.max_steps or stop_reason:
                     break
                 if checkpoint_now:
@@ -370,6 +385,13 @@ class Trainer:
         stop_reason = stop_reason or self._check_nonfinite(self.state.step)
         if stop_reason:
             self._print(f"stopped at step {self.state.step}: {stop_reason}")
+        self.signals.restore()
+        if self.interrupted:
+            # Preempted or near a time limit: checkpoint only; the run is not finished, so no final LoRA.
+            self.save_checkpoint()
+            acc.end_training()
+            self._print(f"checkpointed at step {self.state.step}; continue with --resume latest")
+            return None
         if self.state.step == t.max_steps:
             self.validate_and_sample()
         self.save_checkpoint()
@@ -402,28 +424,34 @@ class Trainer:
             reason = reason or self.callbacks["nan_guard"].update(not bad, first + i)
         return reason
 
-    def _agreed(self, reason: str) -> str:
-        """A stop decision taken by any process (e.g. its own clock) is taken by all of them."""
-        if self.accelerator.num_processes == 1:
-            return reason
-        flag = self.accelerator.reduce(torch.tensor(float(bool(reason)), device=self.device), reduction="sum")
-        return reason or ("another process asked to stop" if float(flag) > 0 else "")
+    def _draw(
+        self, batch: dict[str, Any], data_pass: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, prompt embeddings, sigmas, noise) of one batch, with its flips and caption dropout.
 
-    def _load_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents and prompt embeddings of one batch; flips and caption dropout drawn from the generator."""
-        d = self.recipe.data
+        Every random draw of a sample comes from a generator seeded by (seed, data pass, sample key): a sample
+        gets the same noise, sigma, flip and dropout whichever process or batch it lands in, so a run gives the
+        same LoRA on any number of processes for the same global batches, and a resume needs no RNG state.
+        """
+        d, t = self.recipe.data, self.recipe.training
         latents, embeds = batch["latents"], batch["prompt_embeds"]
-        for j in range(len(latents)):  # copy a batch tensor only when one of its samples changes
-            if d.random_flip and bool(torch.rand((), generator=self.generator) < 0.5):
+        sigmas, noises = [], []
+        for j, key in enumerate(batch["keys"]):  # copy a batch tensor only when one of its samples changes
+            g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
+            if d.random_flip and bool(torch.rand((), generator=g) < 0.5):
                 latents = latents.clone() if latents is batch["latents"] else latents
                 latents[j] = batch["latents_flip"][j]
-            if d.caption_dropout > 0 and bool(torch.rand((), generator=self.generator) < d.caption_dropout):
+            if d.caption_dropout > 0 and bool(torch.rand((), generator=g) < d.caption_dropout):
                 embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
                 embeds[j] = self.empty_embeds
-        if self.pin:  # a changed copy is pageable again; pinned memory keeps the copy to the device asynchronous
+            sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
+            noises.append(torch.randn(latents.shape[1:], generator=g))
+        sigma, noise = torch.cat(sigmas), torch.stack(noises)
+        if self.pin:  # pinned host memory keeps the copies to the device asynchronous
             latents = latents if latents is batch["latents"] else latents.pin_memory()
             embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
-        return latents, embeds
+            sigma, noise = sigma.pin_memory(), noise.pin_memory()
+        return latents, embeds, sigma, noise
 
     def _position_ids(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and text ids, built once per (batch, grid) shape and kept on the device."""
@@ -495,37 +523,43 @@ class Trainer:
 
     def export(self, path: Path) -> Path:
         model = self.accelerator.unwrap_model(self.model)
+        trainable = trainable_state(model)  # every process: gathers sharded LoRA tensors
         if self.is_main:
-            ckpt.save_lora(path, model, pipeline_class(self.src), self.lora_config, self.lora_metadata())
+            ckpt.save_lora(
+                path, model, pipeline_class(self.src), self.lora_config, self.lora_metadata(), state_dict=trainable
+            )
         self.accelerator.wait_for_everyone()
         return path
 
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         step = self.state.step
+        model = acc.unwrap_model(self.model)
+        # Every process takes part in gathering sharded tensors; the main process writes them.
+        trainable, optimizer = trainable_state(model), optimizer_state(self.optimizer)
         if self.is_main:
-            model = acc.unwrap_model(self.model)
             state = {
                 "step": step,
                 "val_history": self.state.val_history,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
                 "world_size": acc.num_processes,
+                "strategy": self.strategy,
                 "num_workers": self.num_workers,
                 "recipe": self.recipe.to_dict(),
             }
-            rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+            rng = {"torch": torch.get_rng_state()}  # LoRA dropout; the data draws need no state (see _draw)
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             path = ckpt.save_checkpoint(
                 self.out / "checkpoints",
                 step,
-                model,
-                self.optimizer,
+                trainable,
+                optimizer,
                 state,
                 rng,
                 export_lora=lambda p: ckpt.save_lora(
-                    p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata()
+                    p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata(), state_dict=trainable
                 ),
                 keep_last=self.recipe.output.keep_last,
             )
@@ -553,7 +587,6 @@ class Trainer:
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
         self.state = TrainState(step=state["step"], val_history=[tuple(v) for v in state["val_history"]])  # type: ignore[misc]
-        self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
@@ -644,8 +677,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(recipe: Recipe, resume: str | None = None) -> Path:
-    """Run a whole training job; returns the path of the final LoRA."""
+def train(recipe: Recipe, resume: str | None = None) -> Path | None:
+    """Run a whole training job; returns the path of the final LoRA (None: stopped by a signal, checkpointed)."""
     trainer = Trainer(recipe, resume)
     trainer.setup()
     return trainer.fit()

@@ -55,10 +55,7 @@ def make_sample_dataset(out: str | os.PathLike[str], count: int = 12, size: int 
 def resolve_dataset(spec: str) -> Path:
     """A dataset folder for a spec: `builtin:sample` is generated once under FLUX2_LORA_HOME."""
     if spec == "builtin:sample":
-        from ..config import cache_root
+        from ..config import build_once, cache_root
 
-        path = cache_root() / "data" / "sample"
-        if not path.exists():
-            make_sample_dataset(path)
-        return path
+        return build_once(cache_root() / "data" / "sample", make_sample_dataset, "000.txt")
     return Path(spec).expanduser()

@@ -281,26 +281,3 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev: Path) -> None
         assert grads[0].keys() == other.keys()
         for n in grads[0]:
             torch.testing.assert_close(grads[0][n], other[n], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.slow
-def test_two_process_ddp_run_on_cpu(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
-    """`accelerate launch` with 2 gloo processes: one LoRA, losses averaged over processes, checkpoints once."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(
-        [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "flux2_lora", "train", *TINY, "--output", str(out), "--steps", "10",
-            "--validation.every_n_steps", "0", "--output.checkpoint_every", "5",
-        ],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
-    assert state["world_size"] == 2
-    assert res.stdout.count("checkpoint saved") == 2  # only the main process writes
-    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [10]
-    assert len(load_file(str(out / "lora.safetensors"))) > 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flux2_lora import checkpoint as ckpt
+from flux2_lora.distributed import optimizer_state, trainable_state
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -27,8 +28,8 @@ def _save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimi
     return ckpt.save_checkpoint(
         root,
         step,
-        model,
-        opt,
+        trainable_state(model),
+        optimizer_state(opt),
         {"step": step, "x": [1, 2]},
         {"generator": torch.Generator().manual_seed(5).get_state()},
         export_lora=lambda p: p.write_bytes(b"lora"),
@@ -76,7 +77,9 @@ def test_latest_pointer_retention_and_interrupted_writes(tmp_path: Path) -> None
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(tmp_path, 10, model, opt, {"step": 10}, {}, export_lora=boom, keep_last=2)
+        ckpt.save_checkpoint(
+            tmp_path, 10, trainable_state(model), optimizer_state(opt), {"step": 10}, {}, export_lora=boom, keep_last=2
+        )
     assert (tmp_path / ".tmp-step-10").exists()
     assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "step-8"
     # The next good save cleans the debris.

@@ -1,0 +1,147 @@
+"""Strategies on 2 CPU processes (gloo): DDP and FSDP2 give the single-process LoRA; a signal on one process
+checkpoints every process at the same step, and the run resumes to the LoRA of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+FSDP = [*LAUNCH, str(ROOT / "tests" / "support" / "fsdp_on_cpu.py")]  # FSDP2 on CPU processes (see that file)
+DDP = [*LAUNCH, "-m", "flux2_lora"]
+STEPS = "8"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory: pytest.TempPathFactory, tiny_dev: Path, sample_data: Path) -> Path:
+    """A cache of 2 same-size images in 2 shards: one global batch of 2 is the same on 1 or 2 processes."""
+    src = tmp_path_factory.mktemp("two-images")
+    for name in ("001", "002"):  # square images of the sample set
+        for ext in (".png", ".txt"):
+            shutil.copy(sample_data / f"{name}{ext}", src / f"{name}{ext}")
+    cache = tmp_path_factory.mktemp("two-cache") / "cache"
+    res = run_cli("data", "cache", "--preset", "tiny", "--dataset", str(src), "--output", str(cache),
+                  "--shard-size", "1", "--data.holdout", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return cache
+
+
+def _args(cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--dataset", str(cache), "--data.holdout", "0", "--steps", STEPS,
+            "--validation.every_n_steps", "0", "--validation.prompts", "[]", "--output.checkpoint_every", "2",
+            "--output", str(out), *extra]  # fmt: skip
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(two_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    res = _run([*FSDP, *_args(two_shards, out, "--training.batch_size", "1", "--distributed.strategy", "fsdp")])
+    return out, res.stdout
+
+
+def _lora(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "lora.safetensors"))
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_give_the_single_process_lora(
+    two_shards: Path, fsdp_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    single = tmp_path / "single"
+    res = run_cli(*_args(two_shards, single, "--training.batch_size", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = tmp_path / "ddp"
+    res = _run([*DDP, *_args(two_shards, ddp, "--training.batch_size", "1", "--distributed.strategy", "ddp")])
+    assert "dist  ddp over 2 processes" in res.stdout
+    state = json.loads((ddp / "checkpoints" / f"step-{STEPS}" / "state.json").read_text())
+    assert (state["world_size"], state["strategy"]) == (2, "ddp")
+    assert res.stdout.count("checkpoint saved") == int(STEPS) // 2  # only the main process writes
+    metrics = [json.loads(ln) for ln in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [int(STEPS)]  # losses averaged, logged once
+    fsdp, log = fsdp_run
+    # FSDP2 really shards: every parameter tensor of the model is a DTensor on each process.
+    assert "dist  fsdp over 2 processes:" in log and "parameter tensors sharded (DTensor)" in log
+    sharded = log.split("dist  fsdp over 2 processes: ")[1].split(" parameter")[0]
+    n, total = (int(x.replace(",", "")) for x in sharded.split(" of "))
+    assert n == total > 0
+    reference = _lora(single)
+    assert len(reference) > 0
+    for name, other in (("ddp", _lora(ddp)), ("fsdp", _lora(fsdp))):
+        assert other.keys() == reference.keys(), name
+        for k, v in reference.items():
+            # Same global batch, same per-sample draws: equal up to float summation order.
+            torch.testing.assert_close(other[k], v, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+        assert not torch.equal(reference[k], torch.zeros_like(reference[k]))
+
+
+def _children_by_rank(launcher: int) -> dict[int, int]:
+    """Worker pids of an `accelerate launch` process, by their RANK."""
+    found: dict[int, int] = {}
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_checkpoints_all_and_the_run_resumes_exactly(
+    two_shards: Path, fsdp_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "signalled"
+    cmd = [*FSDP, *_args(two_shards, out, "--training.batch_size", "1", "--distributed.strategy", "fsdp")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "checkpoint saved" in line and "step-2" in line:
+            workers = _children_by_rank(proc.pid)
+            assert set(workers) == {0, 1}
+            os.kill(workers[1], signal.SIGUSR1)  # only rank 1 is told (a scheduler may reach one task first)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(lines) + rest
+    # Both processes stop at the same step (rank 0 learns of the signal through the vote) and checkpoint; the
+    # run is not finished, so there is no final LoRA and the exit status says so.
+    assert proc.returncode != 0
+    assert "received a signal on another process" in log and "continue with --resume latest" in log
+    assert not (out / "lora.safetensors").exists()
+    stopped = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 2 < stopped < int(STEPS)
+    time.sleep(0.5)
+    res = _run([*cmd, "--resume", "latest"])
+    assert "resumed from" in res.stdout
+    straight, _ = fsdp_run
+    a, b = _lora(straight), _lora(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
