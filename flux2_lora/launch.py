@@ -543,8 +543,25 @@ def local_commands(p: Plan) -> list[list[str]]:
 
 def _ignore_usr1() -> None:
     # The launchers (accelerate, torchrun) have no SIGUSR1 handler and would die of it; the trainer installs its
-    # own handler over the inherited "ignore". The new session lets us signal a node's whole process tree.
+    # own handler over the inherited "ignore".
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants (torchrun starts each worker in a session of its own, so a
+    process-group signal would not reach the trainers)."""
+    import psutil  # an accelerate dependency
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_local(p: Plan) -> int:
@@ -561,10 +578,7 @@ def run_local(p: Plan) -> int:
         stopping.append(signal.Signals(signum).name)
         print(f"flux2-lora launch: received {signal.Signals(signum).name}; asking the trainers to checkpoint and stop")
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
+            _signal_tree(proc.pid, signal.SIGUSR1)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
     threads = []

@@ -4,8 +4,11 @@ local launch, and the Slurm batch scripts on a real single-node Slurm cluster (i
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,23 +173,41 @@ def test_bad_manifest_from_the_command_line_has_no_traceback(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------------- local 2 "nodes"
 @pytest.mark.slow
 def test_two_node_local_launch_trains_one_lora(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
-    """2 machine ranks x 1 CPU process on localhost, rendezvous over TCP: one run, one LoRA."""
+    """2 machine ranks x 1 CPU process on localhost, rendezvous over TCP. SIGUSR1 to `flux2-lora launch` makes
+    both ranks checkpoint and stop (exit 75); launching again resumes and exports one LoRA."""
     out = tmp_path / "run"
     m = _manifest(
         tmp_path / "m.yaml",
         recipe="tiny",
         output=str(out),
-        overrides={"training.max_steps": 10, "output.checkpoint_every": 10, **TINY_FAST},
+        overrides={"training.max_steps": 60, "output.checkpoint_every": 60, **TINY_FAST},
         resources={"nodes": 2, "processes_per_node": 1},
         main_port=_free_port(),
         env={"OMP_NUM_THREADS": 1},
     )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flux2_lora", "launch", str(m)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert first.stdout is not None
+    lines: list[str] = []
+    for line in first.stdout:
+        lines.append(line)
+        if "train:" in line:  # the loop runs on both ranks: ask them to stop
+            first.send_signal(signal.SIGUSR1)
+            break
+    lines += first.stdout.readlines()
+    text = "".join(lines)
+    assert first.wait(timeout=120) == 75, text[-4000:]
+    runs = [ln for ln in lines if ln.startswith("run: ")]
+    assert len(runs) == 2 and "--machine_rank 0" in runs[0] and "--machine_rank 1" in runs[1]
+    assert "[node 0] " in text and "[node 1] " in text
+    assert "stopped at step" in text and (out / "checkpoints" / "latest").exists()
+    assert not (out / "lora.safetensors").exists()
+
     res = run_cli("launch", str(m))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    runs = [ln for ln in res.stdout.splitlines() if ln.startswith("run: ")]
-    assert len(runs) == 2 and "--machine_rank 0" in runs[0] and "--machine_rank 1" in runs[1]
-    assert "[node 0] " in res.stdout and "[node 1] " in res.stdout
-    state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
+    assert "resumed from " in res.stdout
+    state = json.loads((out / "checkpoints" / "step-60" / "state.json").read_text())
     assert state["world_size"] == 2
     assert res.stdout.count("saved " + str(out / "lora.safetensors")) == 1  # one LoRA, from rank 0
     assert len(load_file(str(out / "lora.safetensors"))) > 0
@@ -229,70 +250,71 @@ def _render(m: Path, out: Path) -> Path:
     return out / "launch" / "job.sbatch"
 
 
-def _wait_for_checkpoint(out: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not (out / "checkpoints" / "latest").exists():
-        assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
-        time.sleep(0.2)
-
-
 def _log(out: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((out / "launch").glob("slurm-*.out")))
 
 
-@pytest.mark.slow
-def test_slurm_job_cancelled_and_resubmitted_resumes(
-    slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
-) -> None:
-    """single-node.sbatch, 2 CPU processes: scancel mid-run, sbatch again, it resumes and writes the LoRA."""
-    m, out = _slurm_manifest(tmp_path, "single-node", steps=160, every=20)
-    script = _render(m, out)
-    job = slurm.sbatch(script)
-    _wait_for_checkpoint(out, 180)
-    subprocess.run(["scancel", job], env=slurm.env, check=True)
-    info = slurm.wait(job, ("CANCELLED", "COMPLETED", "FAILED"), 90)
-    assert info["JobState"] == "CANCELLED", _log(out)
-    assert not (out / "lora.safetensors").exists()
-    again = slurm.sbatch(script)
-    info = slurm.wait(again, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+def _wait_log(out: Path, after: str, text: str, timeout: float = 240) -> None:
+    """Wait until `text` shows in the Slurm log after the last `after` (e.g. the loop started in attempt 2)."""
+    deadline = time.monotonic() + timeout
+    while text not in _log(out).rpartition(after)[2] or after not in _log(out):
+        assert time.monotonic() < deadline, f"no {text!r} after {after!r} in {timeout} s:\n{_log(out)[-3000:]}"
+        time.sleep(0.2)
+
+
+def _usr1_and_requeue(slurm: SlurmCluster, job: str, out: Path) -> None:
+    """SIGUSR1 to the batch shell only, as `--signal=B:USR1@T` sends it before the time limit, once the loop runs
+    (its signal handler is in place); then wait for the requeued attempt to start training."""
+    _wait_log(out, "attempt 1 ", "train:")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
+    _wait_log(out, "attempt 2 ", "train:")
     log = _log(out)
-    assert info["JobState"] == "COMPLETED", log + slurm._logs()
-    assert "resumed from " in log and "launcher exit code 0" in log
-    state = json.loads((out / "checkpoints" / "step-160" / "state.json").read_text())
-    assert state["world_size"] == 2
-    assert len(load_file(str(out / "lora.safetensors"))) > 0
+    assert "stopped at step" in log and "received SIGUSR1" in log and "requeueing job" in log, log[-3000:]
+    assert int(slurm.state(job)["Restarts"]) == 1
 
 
 @pytest.mark.slow
 def test_slurm_usr1_checkpoints_requeues_and_resumes(
     slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
 ) -> None:
-    """multi-node.sbatch (srun, one launcher per node; 1 node x 2 processes): SIGUSR1 to the batch shell, as
-    `--signal=B:USR1@T` sends before the time limit, makes the trainers checkpoint and stop, the script requeues
-    the job, and the next attempt resumes from the checkpoint and finishes."""
-    m, out = _slurm_manifest(tmp_path, "multi-node", steps=100, every=50)
+    """single-node.sbatch, 2 CPU processes: SIGUSR1 makes both trainers checkpoint and stop, the script requeues
+    the job, and the next attempt resumes from the checkpoint and writes the LoRA."""
+    m, out = _slurm_manifest(tmp_path, "single-node", steps=100, every=50)
+    job = slurm.sbatch(_render(m, out))
+    _usr1_and_requeue(slurm, job, out)
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED"), 240)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED", log[-3000:] + slurm._logs()
+    assert "resumed from " in log.rpartition("attempt 2 ")[2] and "launcher exit code 0" in log
+    state = json.loads((out / "checkpoints" / "step-100" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert len(load_file(str(out / "lora.safetensors"))) > 0
+
+
+@pytest.mark.slow
+def test_slurm_multi_node_script_requeues_then_cancelled_job_resumes_when_resubmitted(
+    slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
+) -> None:
+    """multi-node.sbatch (srun, one launcher per node; here 1 node x 2 processes): SIGUSR1 reaches the trainers
+    through `scancel --signal=USR1` on the job's steps and the job requeues itself; then a plain `scancel`
+    (SIGTERM) of the second attempt checkpoints without requeueing, and the job submitted again resumes."""
+    m, out = _slurm_manifest(tmp_path, "multi-node", steps=200, every=50)
     script = _render(m, out)
     assert "srun --ntasks-per-node=1" in script.read_text()
     job = slurm.sbatch(script)
-    deadline = time.monotonic() + 180
-    while "train:" not in _log(out):  # the loop has started (its signal handler is in place)
-        assert time.monotonic() < deadline, _log(out)
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
-    deadline = time.monotonic() + 400
-    while True:
-        info = slurm.state(job)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and int(info.get("Restarts", 0)) >= 1:
-            break
-        if info.get("JobState") in ("FAILED", "CANCELLED"):
-            break
-        assert time.monotonic() < deadline, _log(out) + str(info)
-        time.sleep(1)
+    _usr1_and_requeue(slurm, job, out)
+    subprocess.run(["scancel", job], env=slurm.env, check=True)
+    info = slurm.wait(job, ("CANCELLED", "COMPLETED", "FAILED"), 120)
+    assert info["JobState"] == "CANCELLED", _log(out)[-3000:]
+    assert _log(out).count("requeueing job") == 1  # a user's scancel is not a preemption
+    assert not (out / "lora.safetensors").exists()
+    again = slurm.sbatch(script)
+    info = slurm.wait(again, ("COMPLETED", "FAILED", "CANCELLED"), 240)
     log = _log(out)
-    assert info["JobState"] == "COMPLETED", log + slurm._logs()
-    assert "received SIGUSR1" in log and "requeueing job" in log
-    assert "resumed from " in log
-    assert int(info["Restarts"]) == 1
+    assert info["JobState"] == "COMPLETED", log[-3000:] + slurm._logs()
+    assert log.count("resumed from ") == 2 and "srun exit code 0" in log
+    state = json.loads((out / "checkpoints" / "step-200" / "state.json").read_text())
+    assert state["world_size"] == 2
     assert len(load_file(str(out / "lora.safetensors"))) > 0
 
 
