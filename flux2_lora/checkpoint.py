@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .distributed import load_optimizer, load_trainable
+from .distributed import global_shape, load_optimizer, load_trainable
 
 LORA_FILE = "lora.safetensors"
 METADATA_PREFIX = "flux2_lora."
@@ -252,13 +252,13 @@ def load_checkpoint(
             f"tensors, e.g. {(missing or unknown)[0]}); resume with the recipe that wrote it"
         )
     for n, t in saved.items():
-        if params[n].shape != t.shape:
+        if global_shape(params[n]) != tuple(t.shape):
             raise CheckpointError(
-                f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}"
+                f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {global_shape(params[n])}"
             )
     load_trainable(model, saved)  # sharded like the model's parameters where they are sharded
     meta = json.loads((path / "optimizer.json").read_text())
-    load_optimizer(optimizer, _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
+    load_optimizer(optimizer, _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta), model)
     state = json.loads((path / "state.json").read_text())
     rng = load_file(str(path / "rng.safetensors"))
     return state, rng

@@ -329,12 +329,17 @@ class Trainer:
                     step_loss += loss.detach()
                     if acc.sync_gradients:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))
-                        # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
-                        # processes so that all take the same decision); the host reads it when it logs.
-                        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
-                        self._step_unless(bad)
-                        self.optimizer.zero_grad(set_to_none=True)
+                        if self.strategy.startswith("zero"):
+                            # DeepSpeed clipped and stepped inside acc.backward: the guard can count, not skip.
+                            grad_norm = torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0))
+                            bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
+                        else:
+                            grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))
+                            # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
+                            # processes so that all take the same decision); the host reads it when it logs.
+                            bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
+                            self._step_unless(bad)
+                            self.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
                     continue
                 # ---- one optimizer step is done: schedule, guard, log, validate, checkpoint ----
@@ -536,7 +541,7 @@ class Trainer:
         step = self.state.step
         model = acc.unwrap_model(self.model)
         # Every process takes part in gathering sharded tensors; the main process writes them.
-        trainable, optimizer = trainable_state(model), optimizer_state(self.optimizer)
+        trainable, optimizer = trainable_state(model), optimizer_state(self.optimizer, model)
         if self.is_main:
             state = {
                 "step": step,

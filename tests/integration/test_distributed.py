@@ -1,5 +1,6 @@
-"""Strategies on 2 CPU processes (gloo): DDP and FSDP2 give the single-process LoRA; a signal on one process
-checkpoints every process at the same step, and the run resumes to the LoRA of an uninterrupted one."""
+"""Strategies on 2 CPU processes (gloo): DDP, FSDP2 and DeepSpeed ZeRO-2/3 give the single-process LoRA; ZeRO
+checkpoints resume exactly; a signal on one process checkpoints every process at the same step, and the run
+resumes to the LoRA of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -69,11 +70,9 @@ def _lora(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_give_the_single_process_lora(
-    two_shards: Path, fsdp_run: tuple[Path, str], tmp_path: Path
+    two_shards: Path, single_run: Path, fsdp_run: tuple[Path, str], tmp_path: Path
 ) -> None:
-    single = tmp_path / "single"
-    res = run_cli(*_args(two_shards, single, "--training.batch_size", "2"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    single = single_run
     ddp = tmp_path / "ddp"
     res = _run([*DDP, *_args(two_shards, ddp, "--training.batch_size", "1", "--distributed.strategy", "ddp")])
     assert "dist  ddp over 2 processes" in res.stdout
@@ -96,6 +95,47 @@ def test_ddp_and_fsdp_give_the_single_process_lora(
             # Same global batch, same per-sample draws: equal up to float summation order.
             torch.testing.assert_close(other[k], v, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
         assert not torch.equal(reference[k], torch.zeros_like(reference[k]))
+
+
+@pytest.fixture(scope="module")
+def single_run(two_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = run_cli(*_args(two_shards, out, "--training.batch_size", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_gives_the_single_process_lora_and_resumes_exactly(
+    two_shards: Path, single_run: Path, tmp_path: Path, stage: str
+) -> None:
+    # DeepSpeed on CPU processes: no ACCELERATE_USE_CPU (it would switch DeepSpeed off); gloo is set by the trainer.
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    out = tmp_path / stage
+    cmd = [*DDP, *_args(two_shards, out, "--training.batch_size", "1", "--distributed.strategy", stage)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"dist  {stage} over 2 processes" in res.stdout
+    reference, lora = _lora(single_run), _lora(out)
+    for k, v in reference.items():
+        torch.testing.assert_close(lora[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    # Resume from the middle: the checkpoint holds whole fp32 masters and AdamW moments, set back into ZeRO's
+    # partitions (and the working copies) on resume.
+    again = tmp_path / f"{stage}-resumed"
+    shutil.copytree(out, again)
+    for name in ("step-6", "step-8"):
+        shutil.rmtree(again / "checkpoints" / name)
+    (again / "checkpoints" / "latest").write_text("step-4\n")
+    (again / "lora.safetensors").unlink()
+    cmd = [*DDP, *_args(two_shards, again, "--training.batch_size", "1", "--distributed.strategy", stage),
+           "--resume", "latest"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "step-4" in res.stdout
+    resumed = _lora(again)
+    for k, v in lora.items():
+        assert torch.equal(resumed[k], v), k
 
 
 def _children_by_rank(launcher: int) -> dict[int, int]:
