@@ -121,7 +121,8 @@ class Manifest:
     offload: Literal["none", "optimizer", "all"] = "none"
     """zero2/zero3: CPU offload of the optimizer state (`optimizer`), with zero3 also of the parameters (`all`)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """`auto`: the recipe's training.mixed_precision, and if that is auto too, bf16 on GPUs and no on CPUs."""
+    """`auto`: the recipe's training.mixed_precision; if that is auto too, the model's dtype (bf16/fp16) on GPUs
+    and `no` on CPUs, as the trainer would choose."""
     backend: Literal["local", "slurm", "ray"] = "local"
     """local: `accelerate launch` here; slurm: sbatch a rendered batch script; ray: `ray job submit`."""
     env: dict[str, str | int | float | bool] = field(default_factory=dict)
@@ -159,12 +160,18 @@ class Plan:
     def world_size(self) -> int:
         return self.nodes * self.per_node
 
+    def launch_args(self) -> list[str]:
+        """accelerate launch flags beside the config file. Mixed precision goes here, not only in the config: with
+        a DeepSpeed config file, accelerate refuses a mixed_precision that comes from its own config."""
+        return ["--mixed_precision", self.mixed_precision]
+
     def train_command(self) -> list[str]:
         resume = ["--resume", "latest"] if self.manifest.resume or self.manifest.backend == "slurm" else []
         return ["-m", "flux2_lora", "train", *self.train_args, "--output.dir", str(self.out), *resume]
 
     def accelerate_command(self, machine_rank: int = 0, main_ip: str = "127.0.0.1") -> list[str]:
         cmd = [self.python, "-m", "accelerate.commands.launch", "--config_file", str(self.accelerate_config)]
+        cmd += self.launch_args()
         if self.nodes > 1:
             cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", main_ip]
         return cmd + self.train_command()
@@ -259,6 +266,11 @@ def _check(m: Manifest) -> None:
         _need(
             r.nodes == 1, "resources.nodes", "the ray backend runs one node for now (multi-node Ray is a later issue)"
         )
+    _need(
+        not (m.slurm.script == "single-node" and r.nodes > 1),
+        "slurm.script",
+        f"single-node cannot run resources.nodes={r.nodes}; use multi-node or auto",
+    )
     _need(m.slurm.signal_seconds >= 0, "slurm.signal_seconds", f"must be 0 or more (got {m.slurm.signal_seconds})")
     for key in m.env:
         _need(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key)), f"env.{key}", "not a valid environment variable name")
@@ -321,8 +333,8 @@ def plan(m: Manifest) -> Plan:
     mp = m.mixed_precision
     if mp == "auto":
         mp = recipe.training.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if r.gpus_per_node > 0 else "no"
+    if mp == "auto":  # as the trainer resolves it: the model's 16-bit dtype on GPUs, none on CPUs
+        mp = recipe.model.dtype if r.gpus_per_node > 0 and recipe.model.dtype in ("bf16", "fp16") else "no"
     args += [
         "--distributed.strategy", m.strategy,
         "--distributed.shard_base", _value(m.shard_base),
@@ -333,9 +345,10 @@ def plan(m: Manifest) -> Plan:
     launch_dir = out / "launch"
     env = {k: _value(v) for k, v in m.env.items()}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if r.gpus_per_node == 0:
+    if r.gpus_per_node == 0 and m.strategy in ("ddp", "fsdp"):
         # accelerate's multi-process launcher does not pass `use_cpu` on: without this each CPU process would
-        # build a single-process Accelerator (gloo DDP needs it, DESIGN.md).
+        # build a single-process Accelerator (gloo DDP needs it, DESIGN.md). Not for DeepSpeed: under it
+        # accelerate would wrap the model in DDP; ZeRO runs on CPUs with gloo without it.
         env.setdefault("ACCELERATE_USE_CPU", "1")
     return Plan(
         manifest=m,
@@ -359,7 +372,7 @@ def plan(m: Manifest) -> Plan:
 def accelerate_config(p: Plan) -> dict[str, Any]:
     """The accelerate config (what `accelerate config` would write) for the plan's layout and strategy."""
     m = p.manifest
-    cpu = m.resources.gpus_per_node == 0
+    cpu = m.resources.gpus_per_node == 0 and m.strategy in ("ddp", "fsdp")  # see plan(): not for DeepSpeed
     if m.strategy == "zero2" or m.strategy == "zero3":
         dist = "DEEPSPEED"
     elif m.strategy == "fsdp":
@@ -447,6 +460,7 @@ def _settings_block(p: Plan) -> list[str]:
         f"ACCELERATE_CONFIG={q(str(p.accelerate_config))}",
         f"MAIN_PORT={m.main_port}",
         f"MAX_RESTARTS={m.slurm.max_restarts}",
+        "LAUNCH_ARGS=(" + " ".join(q(a) for a in p.launch_args()) + ")",
         "TRAIN_ARGS=(" + " ".join(q(a) for a in p.train_args) + ")",
     ]
     lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
@@ -493,8 +507,6 @@ def slurm_script_name(p: Plan) -> str:
 def render_sbatch(p: Plan, template_dir: Path = SLURM_DIR) -> str:
     """The launch/slurm/ template with its #SBATCH header and settings block replaced."""
     name = slurm_script_name(p)
-    if name == "single-node" and p.nodes > 1:
-        raise CliError(f"slurm.script: single-node cannot run resources.nodes={p.nodes}; use multi-node or auto")
     template = (template_dir / f"{name}.sbatch").read_text().splitlines()
     out: list[str] = []
     in_settings = header_done = False

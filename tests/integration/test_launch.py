@@ -79,8 +79,8 @@ def test_dry_run_of_each_example_manifest(name: str, tmp_path: Path, capsys: pyt
 
     cfg = load_config_from_file(str(out / "launch" / "accelerate_config.yaml"))  # accelerate's own loader
     assert (cfg.num_machines, cfg.num_processes) == (nodes, world)
-    assert cfg.use_cpu == (gpus == 0)
     strategy = manifest.get("strategy", "ddp")
+    assert cfg.use_cpu == (gpus == 0 and strategy in ("ddp", "fsdp"))  # ZeRO on CPUs runs without use_cpu
     expected = {"zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}.get(
         strategy, "MULTI_GPU" if world > 1 else "NO"
     )
@@ -101,6 +101,7 @@ def test_dry_run_of_each_example_manifest(name: str, tmp_path: Path, capsys: pyt
         runs = [ln for ln in stdout.splitlines() if ln.startswith("run: ")]
         assert len(runs) == nodes and all("accelerate.commands.launch --config_file" in r for r in runs)
         assert "--resume latest" in runs[0] and f"--output.dir {out}" in runs[0]
+        assert f"--mixed_precision {cfg.mixed_precision} " in runs[0]  # on the command line too (DeepSpeed)
     if backend == "slurm":
         script = out / "launch" / "job.sbatch"
         assert f"run: sbatch --parsable {script}" in stdout
@@ -147,6 +148,7 @@ BAD = [
     ({"resources": {"gpus": 1}}, "resources.gpus: not a manifest field"),
     ({"recipe": "no-such-preset"}, "recipe: no-such-preset is neither a recipe file nor a preset"),
     ({"resourcez": {"nodes": 1}}, "resourcez: not a manifest field"),
+    ({"resources": {"nodes": 2}, "slurm": {"script": "single-node"}}, "slurm.script: single-node cannot run"),
 ]
 
 
