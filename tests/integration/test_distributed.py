@@ -106,6 +106,7 @@ def single_run(two_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_zero_gives_the_single_process_lora_and_resumes_exactly(
     two_shards: Path, single_run: Path, tmp_path: Path, stage: str
@@ -154,6 +155,7 @@ def _children_by_rank(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_signal_to_one_process_checkpoints_all_and_the_run_resumes_exactly(
     two_shards: Path, fsdp_run: tuple[Path, str], tmp_path: Path
 ) -> None:
