@@ -174,6 +174,7 @@ def test_bad_manifest_from_the_command_line_has_no_traceback(tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------------------- local 2 "nodes"
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_two_node_local_launch_trains_one_lora(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
     """2 machine ranks x 1 CPU process on localhost, rendezvous over TCP. SIGUSR1 to `flux2-lora launch` makes
     both ranks checkpoint and stop (exit 75); launching again resumes and exports one LoRA."""
@@ -276,6 +277,7 @@ def _usr1_and_requeue(slurm: SlurmCluster, job: str, out: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_slurm_usr1_checkpoints_requeues_and_resumes(
     slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
 ) -> None:
@@ -294,6 +296,7 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_slurm_multi_node_script_requeues_then_cancelled_job_resumes_when_resubmitted(
     slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path
 ) -> None:
