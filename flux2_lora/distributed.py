@@ -22,7 +22,11 @@ the data position depends on it).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +39,11 @@ BLOCK_CLASSES = ["Flux2TransformerBlock", "Flux2SingleTransformerBlock"]
 def launched_strategy() -> str | None:
     """The strategy an `accelerate launch` config asked for (through accelerate's environment), if any."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "zero" + os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and Path(config_file).is_file():  # a DeepSpeed JSON names its own stage
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
+        return f"zero{stage or 2}"
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "fsdp"
     return None
@@ -102,7 +110,9 @@ def make_accelerator(recipe: Recipe, mixed_precision: str, trackers: list[str], 
         from accelerate.utils import DeepSpeedPlugin
 
         config = deepspeed_config(recipe, mixed_precision, int(strategy[-1]))
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config)
+        # No zero.Init while loading: the frozen transformer is partitioned in prepare() (and the cache stage's
+        # text encoder, loaded after the Accelerator exists, must not be partitioned at all).
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
     if strategy == "fsdp":
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             fsdp_version=2,
@@ -134,6 +144,25 @@ def make_accelerator(recipe: Recipe, mixed_precision: str, trackers: list[str], 
     elif acc.num_processes == 1:
         strategy = "single"
     return acc, strategy
+
+
+@contextlib.contextmanager
+def plain_loading(accelerator: Any) -> Iterator[None]:
+    """Load models as plain modules under DeepSpeed: accelerate registers its config with transformers, which
+    then sees ZeRO-3 and refuses a device_map (or partitions at construction). The text encoder of the cache
+    stage must stay whole, and the transformer is partitioned by prepare(), so loading goes without it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.dschf = None
+        plugin.set_deepspeed_weakref()
 
 
 def is_sharded(t: torch.Tensor) -> bool:

@@ -405,7 +405,9 @@ def accelerate_config(p: Plan) -> dict[str, Any]:
             "deepspeed_config_file": str(p.deepspeed_json),
             # One launcher per node started by us (srun, or a loop on localhost), not DeepSpeed's pdsh runner.
             "deepspeed_multinode_launcher": "standard",
-            "zero3_init_flag": m.strategy == "zero3" and m.shard_base,
+            # The trainer loads the frozen transformer itself (straight to its device) and ZeRO-3 partitions it
+            # in prepare(); zero.Init at load time would also partition the cache stage's text encoder.
+            "zero3_init_flag": False,
         }
     if m.strategy == "fsdp":
         cfg["fsdp_config"] = {

@@ -24,8 +24,11 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
 
 @torch.no_grad()
-def render_samples(trainer: Any, step: int) -> list[Path]:
-    """One PNG per sample prompt (seed = validation.seed + prompt index) and a grid, under OUTPUT/samples."""
+def render_samples(trainer: Any, step: int, save: bool = True) -> list[Path]:
+    """One PNG per sample prompt (seed = validation.seed + prompt index) and a grid, under OUTPUT/samples.
+
+    With sharded parameters (FSDP2, ZeRO-3) every process must run the forward passes; only the one with
+    `save` writes the images."""
     r = trainer.recipe
     v = r.validation
     src = trainer.src
@@ -57,10 +60,11 @@ def render_samples(trainer: Any, step: int) -> list[Path]:
             kwargs["negative_prompt_embeds"] = empty
         image = pipe(**kwargs).images[0]
         path = out_dir / f"step-{step:06d}-prompt-{j}.png"
-        image.save(path)
-        paths.append(path)
+        if save:
+            image.save(path)
+            paths.append(path)
         images.append(image)
-    if images:
+    if images and save:
         image_grid(images).save(out_dir / f"step-{step:06d}-grid.png")
     del pipe
     vae.to("cpu")

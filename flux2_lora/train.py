@@ -39,7 +39,7 @@ from .data.cache import (
 )
 from .data.folder import DataError
 from .data.stream import CachedBatches, auto_workers, batches_per_rank, collate
-from .distributed import is_sharded, make_accelerator, optimizer_state, trainable_state, whole
+from .distributed import is_sharded, make_accelerator, optimizer_state, plain_loading, trainable_state, whole
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
@@ -141,24 +141,26 @@ class Trainer:
         self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
         # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
         # before the transformer loads. Training reads only the cached shards.
-        self.index = self._prepare_cache()
-        text_dtype = encoder_dtype(r.model.dtype, self.device)
-        if self.is_main:
-            prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading)
-        acc.wait_for_everyone()
-        self.sample_embeds = prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype)
-        self.empty_embeds = self.index.extra()["empty"]
-        self.val_samples = self.index.val_samples()
-        self._print(
-            f"data  {r.data.dataset}: {self.index.num_train} training, {len(self.val_samples)} validation samples "
-            f"(cache {self.index.root})"
-        )
+        # Under DeepSpeed, models load as plain modules (see distributed.plain_loading).
+        with plain_loading(acc):
+            self.index = self._prepare_cache()
+            text_dtype = encoder_dtype(r.model.dtype, self.device)
+            if self.is_main:
+                prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading)
+            acc.wait_for_everyone()
+            self.sample_embeds = prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype)
+            self.empty_embeds = self.index.extra()["empty"]
+            self.val_samples = self.index.val_samples()
+            self._print(
+                f"data  {r.data.dataset}: {self.index.num_train} training, {len(self.val_samples)} validation samples "
+                f"(cache {self.index.root})"
+            )
 
-        # Transformer + LoRA.
-        # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
-        self.transformer = load_transformer(
-            self.src, DTYPES[r.model.dtype], None if r.model.force_cpu_loading else self.device
-        )
+            # Transformer + LoRA.
+            # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
+            self.transformer = load_transformer(
+                self.src, DTYPES[r.model.dtype], None if r.model.force_cpu_loading else self.device
+            )
         self.lora_config = add_lora(
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
         )
@@ -505,8 +507,9 @@ class Trainer:
         self.state.val_history.append((step, val))
         self._log({"step": step, "val_loss": val})
         self._print(f"step {step}: validation loss {val:.5f}")
-        if self.is_main and self.recipe.validation.prompts:
-            paths = render_samples(self, step)
+        sharded = self.strategy in ("fsdp", "zero3")  # every process takes part in a sharded forward
+        if self.recipe.validation.prompts and (self.is_main or sharded):
+            paths = render_samples(self, step, save=self.is_main)
             if paths:
                 self._log_images(paths, step)
         self.accelerator.wait_for_everyone()

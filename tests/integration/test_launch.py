@@ -220,18 +220,7 @@ def test_two_node_local_launch_trains_one_lora(tmp_path: Path, tiny_dev: Path, s
 @pytest.mark.cluster
 @pytest.mark.parametrize(
     "strategy",
-    [
-        "zero2",
-        "fsdp",
-        pytest.param(
-            "zero3",
-            marks=pytest.mark.xfail(
-                reason="distributed.launched_strategy reads the ZeRO stage from ACCELERATE_DEEPSPEED_ZERO_STAGE, "
-                "which accelerate does not set beside a deepspeed_config_file (it reports zero2)",
-                strict=False,
-            ),
-        ),
-    ],
+    ["zero2", "fsdp", "zero3"],
 )
 def test_rendered_strategy_configs_train(strategy: str, tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
     """The rendered accelerate config (and DeepSpeed JSON) as accelerate launch reads them: 2 CPU processes train."""
