@@ -3,7 +3,7 @@
 Read `fit()` for the step. Everything random in it comes from the seed: the data order from (seed, epoch),
 and each sample's caption dropout, flip, sigma and noise from (seed, data pass, sample key), so a killed run
 resumes to the same weights as an uninterrupted one, and the number of processes does not change the draws.
-The multi-process strategy (DDP, FSDP2) is applied in one place, `distributed.make_accelerator`.
+The multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3) is applied in one place, `distributed.make_accelerator`.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Trainer:
         if mp == "auto":
             mp = {"bf16": "bf16", "fp16": "fp16"}.get(recipe.model.dtype, "no") if on_gpu else "no"
         trackers = (["tensorboard"] if recipe.logging.tensorboard else []) + (["wandb"] if recipe.logging.wandb else [])
-        # The multi-process strategy (DDP or FSDP2) is chosen and applied here, in one place.
+        # The multi-process strategy (DDP, FSDP2, ZeRO) is chosen and applied here, in one place.
         self.accelerator, self.strategy = make_accelerator(recipe, mp, trackers, str(self.out))
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
@@ -333,7 +333,9 @@ class Trainer:
                         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                         if self.strategy.startswith("zero"):
                             # DeepSpeed clipped and stepped inside acc.backward: the guard can count, not skip.
-                            grad_norm = torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0))
+                            grad_norm = torch.as_tensor(
+                                float(self.model.get_global_grad_norm() or 0.0), device=self.device
+                            )
                             bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
                         else:
                             grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))

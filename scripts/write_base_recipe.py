@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import textwrap
 from pathlib import Path
 
@@ -44,7 +45,11 @@ def main() -> None:
     for group in dataclasses.fields(recipe):
         obj = getattr(recipe, group.name)
         cls = type(obj)
-        lines += ["", f"# {cls.__doc__.strip()}", f"{group.name}:"]
+        lines += [
+            "",
+            *(f"# {ln}".rstrip() for ln in inspect.cleandoc(cls.__doc__ or "").splitlines()),
+            f"{group.name}:",
+        ]
         for f in dataclasses.fields(obj):
             doc = docs[cls.__name__].get(f.name, "")
             for ln in textwrap.wrap(doc, 96):
