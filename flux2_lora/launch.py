@@ -482,18 +482,9 @@ def _sbatch_lines(p: Plan, script: str) -> list[str]:
         lines.append("--ntasks-per-node=1")  # one accelerate launcher per node starts the node's processes
     else:
         lines.append("--ntasks=1")
-    if r.gpus_per_node:
-        lines.append(f"--gpus-per-node={r.gpus_per_node}")
-    if r.cpus_per_task:
-        lines.append(f"--cpus-per-task={r.cpus_per_task}")
-    if r.mem:
-        lines.append(f"--mem={r.mem}")
-    if r.time:
-        lines.append(f"--time={r.time}")
-    if r.partition:
-        lines.append(f"--partition={r.partition}")
-    if r.account:
-        lines.append(f"--account={r.account}")
+    optional = {"gpus-per-node": r.gpus_per_node, "cpus-per-task": r.cpus_per_task, "mem": r.mem, "time": r.time,
+                "partition": r.partition, "account": r.account}  # fmt: skip
+    lines += [f"--{flag}={value}" for flag, value in optional.items() if value]
     lines += [f"--output={log}", "--open-mode=append", "--requeue"]
     if m.slurm.signal_seconds:
         lines.append(f"--signal=B:USR1@{m.slurm.signal_seconds}")
