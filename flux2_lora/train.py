@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,8 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.pin = self.device.type == "cuda"  # pinned host batches: asynchronous copies to the GPU
+        # Called with (step, validation loss) after every validation, e.g. by `flux2-lora tune` to report to Ray.
+        self.on_validation: list[Callable[[int, float], None]] = []
 
     # --------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -509,6 +511,8 @@ class Trainer:
         self.state.val_history.append((step, val))
         self._log({"step": step, "val_loss": val})
         self._print(f"step {step}: validation loss {val:.5f}")
+        for hook in self.on_validation:
+            hook(step, val)
         sharded = self.strategy in ("fsdp", "zero3")  # every process takes part in a sharded forward
         if self.recipe.validation.prompts and (self.is_main or sharded):
             paths = render_samples(self, step, save=self.is_main)
