@@ -45,6 +45,7 @@ commands:
   data cache         run the text encoder and VAE once into cached shards that `train --dataset` reads
   data make-sample   write the built-in sample dataset (coloured shapes with captions)
   model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
+  tune               search LoRA hyperparameters: Ray Tune trials in parallel, Optuna proposes, ASHA prunes
   system optimize    GPU memory a recipe needs, part by part, and what to change so it fits
   launch MANIFEST    run a recipe as a manifest says: accelerate launch here, an sbatch job or a Ray job (--dry-run)
 
@@ -310,7 +311,20 @@ def cmd_launch(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "model": cmd_model, "data": cmd_data, "system": cmd_system, "launch": cmd_launch}
+def cmd_tune(argv: list[str]) -> int:
+    from .tune import cmd_tune as run
+
+    return run(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "model": cmd_model,
+    "data": cmd_data,
+    "system": cmd_system,
+    "launch": cmd_launch,
+    "tune": cmd_tune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
