@@ -31,6 +31,7 @@ SHORT_FORMS = {
     "--rank": "--lora.rank",
     "--dtype": "--model.dtype",
     "--trigger": "--data.trigger",
+    "--init-lora": "--lora.init_from",
 }
 FLAG_FORMS = {"--force-cpu-loading": ["--model.force_cpu_loading", "true"]}
 
@@ -48,6 +49,8 @@ commands:
   tune               search LoRA hyperparameters: Ray Tune trials in parallel, Optuna proposes, ASHA prunes
   system optimize    GPU memory a recipe needs, part by part, and what to change so it fits
   launch MANIFEST    run a recipe as a manifest says: accelerate launch here, an sbatch job or a Ray job (--dry-run)
+  export             write a LoRA as diffusers, comfyui or kohya (--format), or fuse it into its base model (--merge)
+  lora inspect FILE  format, rank, alpha, targets, metadata and size of a LoRA file, and which model it fits
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -325,6 +328,22 @@ COMMANDS = {
     "launch": cmd_launch,
     "tune": cmd_tune,
 }
+
+
+def cmd_export(argv: list[str]) -> int:
+    from .interop import cmd_export as run
+
+    return run(argv)
+
+
+def cmd_lora(argv: list[str]) -> int:
+    from .interop import cmd_lora as run
+
+    return run(argv)
+
+
+COMMANDS["export"] = cmd_export
+COMMANDS["lora"] = cmd_lora
 
 
 def main(argv: list[str] | None = None) -> int:

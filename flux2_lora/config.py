@@ -70,6 +70,9 @@ class LoraArgs:
     """PEFT init of lora_A (lora_B is always zero, so step 0 equals the base model)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA) through PEFT."""
+    init_from: str | None = None
+    """Start from an existing LoRA file (diffusers, peft, comfyui, ai-toolkit or kohya layout; `train --init-lora F`):
+    its rank must equal lora.rank and its modules must lie within lora.targets; the other adapted modules start at zero."""
 
 
 @dataclass
@@ -273,6 +276,9 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
     _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    if lo.init_from is not None:
+        _require(Path(lo.init_from).expanduser().exists(), "lora.init_from", f"{lo.init_from} does not exist")
+        _require(not lo.use_dora, "lora.init_from", "cannot seed a DoRA adapter (set lora.use_dora false)")
     _require(d.dataset is not None or not need_data, "data.dataset", "is required (a folder of images + .txt captions)")
     pattern = d.dataset is not None and (d.dataset.startswith("pipe:") or "{" in d.dataset)  # checked when read
     if need_data and d.dataset is not None and not pattern:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import interop
 from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, WallClock
 from .config import Recipe, validate
 from .data.cache import (
@@ -141,6 +142,9 @@ class Trainer:
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
         self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
+        lo = r.lora
+        # --init-lora: read and check the LoRA against the model and the recipe now, before the cache stage runs.
+        init = interop.check_init_lora(lo.init_from, self.src, lo.rank, lo.alpha, lo.targets) if lo.init_from else None
         # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
         # before the transformer loads. Training reads only the cached shards.
         # Under DeepSpeed, models load as plain modules (see distributed.plain_loading).
@@ -166,6 +170,8 @@ class Trainer:
         self.lora_config = add_lora(
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
         )
+        if init is not None:  # start from the LoRA's weights (its update exactly, at the recipe's alpha)
+            self._print(interop.apply_init_lora(self.transformer, init, lo.rank, lo.alpha, lo.targets))
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.transformer, r.model.gradient_checkpointing_every)
         if r.model.compile:
