@@ -142,6 +142,18 @@ def _snapshot_from_hub(repo_id: str, revision: str | None) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def safetensors_only(folder: Path) -> Path:
+    """A component folder, after checking that its weights are safetensors: pickle-based weights (.bin, .pt, .ckpt)
+    are refused, never loaded, because unpickling can run arbitrary code."""
+    from .interop import LoraFileError, require_safetensors_folder
+
+    try:
+        require_safetensors_folder(folder, "model.name_or_path")
+    except LoraFileError as e:
+        raise ModelError(str(e)) from None
+    return folder
+
+
 def _device_map(device: torch.device | str | None) -> dict[str, torch.device] | None:
     """Load straight onto `device` (no full copy in host memory first); None loads on the CPU."""
     return None if device is None else {"": torch.device(device)}
@@ -158,13 +170,13 @@ def load_text_encoder(
         from transformers import Qwen3ForCausalLM
 
         text_encoder = Qwen3ForCausalLM.from_pretrained(
-            src.path / "text_encoder", torch_dtype=dtype, device_map=_device_map(device)
+            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device)
         )
     else:
         from transformers import Mistral3ForConditionalGeneration
 
         text_encoder = Mistral3ForConditionalGeneration.from_pretrained(
-            src.path / "text_encoder", torch_dtype=dtype, device_map=_device_map(device)
+            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device)
         )
     tokenizer = _load_tokenizer(src)
     text_encoder.requires_grad_(False).eval()
@@ -183,7 +195,9 @@ def _load_tokenizer(src: ModelSource) -> Any:
 def load_vae(src: ModelSource, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Any:
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2.from_pretrained(src.path / "vae", torch_dtype=dtype, device_map=_device_map(device))
+    vae = AutoencoderKLFlux2.from_pretrained(
+        safetensors_only(src.path / "vae"), torch_dtype=dtype, device_map=_device_map(device), use_safetensors=True
+    )
     vae.requires_grad_(False).eval()
     return vae
 
@@ -192,7 +206,10 @@ def load_transformer(src: ModelSource, dtype: torch.dtype, device: torch.device 
     from diffusers import Flux2Transformer2DModel
 
     transformer = Flux2Transformer2DModel.from_pretrained(
-        src.path / "transformer", torch_dtype=dtype, device_map=_device_map(device)
+        safetensors_only(src.path / "transformer"),
+        torch_dtype=dtype,
+        device_map=_device_map(device),
+        use_safetensors=True,
     )
     transformer.requires_grad_(False)
     return transformer

@@ -256,3 +256,16 @@ def test_a_run_folder_means_its_lora(lora_path: Path) -> None:
     assert interop.load_lora(lora_path.parent).path == lora_path
     with safe_open(str(lora_path), framework="pt") as f:
         assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.r"] == 4
+
+
+def test_a_model_folder_with_pickled_weights_is_refused(tmp_path: Path) -> None:
+    from flux2_lora.model import ModelError, ModelSource, load_transformer
+
+    marker = tmp_path / "unpickled"
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(interop.TINY_TRANSFORMER))
+    (tmp_path / "transformer" / "diffusion_pytorch_model.bin").write_bytes(malicious_pickle(marker))
+    src = ModelSource(path=tmp_path, family="dev", text_layers=(10, 20, 30), pipeline_class="Flux2Pipeline")
+    with pytest.raises(ModelError, match="no .safetensors weights .only diffusion_pytorch_model.bin.; pickle-based"):
+        load_transformer(src, torch.float32)
+    assert not marker.exists()
