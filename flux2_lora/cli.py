@@ -51,6 +51,10 @@ commands:
   launch MANIFEST    run a recipe as a manifest says: accelerate launch here, an sbatch job or a Ray job (--dry-run)
   export             write a LoRA as diffusers, comfyui or kohya (--format), or fuse it into its base model (--merge)
   lora inspect FILE  format, rank, alpha, targets, metadata and size of a LoRA file, and which model it fits
+  eval compare       grid of checkpoints x prompts x seeds (same noise per column) and an HTML page
+  eval assess-quality  CLIP score, diversity, overfitting and validation loss of checkpoints (JSON + table)
+  eval test-prompts  a prompt suite (recontext, style, attribute, composition, trigger leakage) on one LoRA
+  eval select-best   rank checkpoints (CKPT... or --run OUTPUT) by a weighted composite score, name the best
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -308,6 +312,16 @@ def cmd_system(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from .evaluate import EvalError
+    from .evaluate.commands import cmd_eval as run
+
+    try:
+        return run(argv)
+    except EvalError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_launch(argv: list[str]) -> int:
     from .launch import cmd_launch as run
 
@@ -328,6 +342,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "tune": cmd_tune,
 }
+COMMANDS["eval"] = cmd_eval
 
 
 def cmd_export(argv: list[str]) -> int:

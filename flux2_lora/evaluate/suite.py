@@ -1,0 +1,101 @@
+"""Prompt suites for `eval test-prompts`: the built-in templates and user YAML files.
+
+A template holds `{concept}` (the trained concept with its trigger, e.g. "sks dog") or `{cls}` (the concept
+without the trigger, e.g. "dog"). The `leakage` category uses only `{cls}`: a LoRA whose concept shows up
+without its trigger has leaked into the class, which the report flags by comparing each such image with the
+base model's image for the same prompt and seed.
+
+A user suite is YAML, either a list of prompts or
+
+    prompts:
+      - {category: style, prompt: "a mosaic of {concept}"}
+      - "a photo of {concept} at the beach"          # category: custom
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import EvalError
+
+LEAKAGE = "leakage"
+
+BUILTIN: list[tuple[str, str]] = [
+    ("recontextualisation", "a photo of {concept} on a sandy beach"),
+    ("recontextualisation", "a photo of {concept} in a snowy forest"),
+    ("recontextualisation", "{concept} on a kitchen table, morning light"),
+    ("style", "a watercolour painting of {concept}"),
+    ("style", "a pencil sketch of {concept}"),
+    ("style", "{concept} as a low-poly 3D render"),
+    ("attribute", "a photo of a purple {concept}"),
+    ("attribute", "a photo of a tiny {concept}"),
+    ("attribute", "a photo of {concept} wearing a red scarf"),
+    ("composition", "a photo of {concept} next to a wooden chair"),
+    ("composition", "{concept} and a cat sitting side by side"),
+    (LEAKAGE, "a photo of {cls}"),
+    (LEAKAGE, "a painting of {cls}"),
+]
+
+
+@dataclass
+class SuitePrompt:
+    category: str
+    template: str
+    prompt: str
+
+
+def split_concept(concept: str, trigger: str | None) -> tuple[str, str]:
+    """(trigger, class phrase): the trigger is the given one when it is in the concept, else its first word."""
+    words = concept.split()
+    if not words:
+        raise EvalError('--concept: must not be empty (e.g. "sks dog")')
+    if trigger and trigger in words:
+        rest = [w for w in words if w != trigger]
+    else:
+        trigger, rest = words[0], words[1:]
+    return trigger, " ".join(rest) or "an object"
+
+
+def fill(category: str, template: str, concept: str, cls: str) -> SuitePrompt:
+    try:
+        prompt = template.format(concept=concept, cls=cls)
+    except (KeyError, IndexError, ValueError) as e:
+        raise EvalError(
+            f"--suite: template {template!r} has an unknown placeholder ({e}); use {{concept}} or {{cls}}"
+        ) from None
+    return SuitePrompt(category, template, " ".join(prompt.split()))
+
+
+def load_suite(path: str) -> list[tuple[str, str]]:
+    """(category, template) pairs from a user YAML suite."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EvalError(f"--suite: {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EvalError(f"--suite: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    items = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise EvalError(f"--suite: {path} must hold a list of prompts (or `prompts:` with one)")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append(("custom", item))
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            out.append((str(item.get("category", "custom")), item["prompt"]))
+        else:
+            raise EvalError(f"--suite: {path}: item {i} must be a prompt string or {{category, prompt}}")
+    return out
+
+
+def build_suite(concept: str, trigger: str | None, suite: str | None, builtin: bool) -> tuple[list[SuitePrompt], str]:
+    """The prompts to run (built-in templates and/or a user suite) and the trigger they use."""
+    trig, cls = split_concept(concept, trigger)
+    templates = (list(BUILTIN) if builtin else []) + (load_suite(suite) if suite else [])
+    if not templates:
+        raise EvalError("--suite: --no-builtin needs a --suite FILE")
+    return [fill(c, t, concept, cls) for c, t in templates], trig
