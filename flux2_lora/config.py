@@ -171,6 +171,18 @@ class ValidationArgs:
     """Guidance scale for samples."""
     sample_resolution: int | None = None
     """Sample size in pixels; None takes data.resolution."""
+    clip_score: bool = False
+    """At each validation, log the CLIP score of each sample against its prompt (trigger word left out). Needs
+    open_clip (pip install 'flux2-lora[eval]') and CLIP weights (clip_weights, or the hub cache)."""
+    overfit_check: bool = False
+    """At each validation, log the CLIP similarity of the samples to their nearest training image and the share at or
+    above overfit_threshold (memorised). Needs the training images (a folder or raw shards, not a latent cache)."""
+    clip_model: str = "ViT-B-32"
+    """open_clip architecture for clip_score and overfit_check (or an open_clip model config .json)."""
+    clip_weights: str | None = None
+    """open_clip weights as a local .safetensors file; None looks for open_clip safetensors weights in the hub cache."""
+    overfit_threshold: float = 0.95
+    """CLIP similarity to the nearest training image at or above which a sample counts as memorised."""
 
 
 @dataclass
@@ -326,6 +338,17 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(v.sample_steps >= 1, "validation.sample_steps", f"must be >= 1, got {v.sample_steps}")
     if v.sample_resolution is not None:
         _require(v.sample_resolution % 16 == 0, "validation.sample_resolution", "must be a multiple of 16")
+    for name in ("clip_score", "overfit_check"):
+        _require(
+            not getattr(v, name) or bool(v.prompts), f"validation.{name}", "needs validation.prompts (the samples)"
+        )
+    _require(0.0 < v.overfit_threshold <= 1.0, "validation.overfit_threshold", "must be in (0, 1]")
+    if v.clip_weights is not None and (v.clip_score or v.overfit_check):
+        path = Path(v.clip_weights).expanduser()
+        _require(path.is_file(), "validation.clip_weights", f"{v.clip_weights} does not exist")
+        _require(
+            path.suffix == ".safetensors", "validation.clip_weights", f"{v.clip_weights} is not a .safetensors file"
+        )
     _require(bool(o.dir), "output.dir", "must not be empty")
     _require(o.checkpoint_every >= 0, "output.checkpoint_every", f"must be >= 0, got {o.checkpoint_every}")
     _require(o.keep_last >= 1, "output.keep_last", f"must be >= 1, got {o.keep_last}")

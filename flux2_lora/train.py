@@ -41,6 +41,7 @@ from .data.cache import (
 from .data.folder import DataError
 from .data.stream import CachedBatches, auto_workers, batches_per_rank, collate
 from .distributed import is_sharded, make_accelerator, optimizer_state, plain_loading, trainable_state, whole
+from .evaluate.callback import TrainingQuality
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
@@ -145,6 +146,8 @@ class Trainer:
         lo = r.lora
         # --init-lora: read and check the LoRA against the model and the recipe now, before the cache stage runs.
         init = interop.check_init_lora(lo.init_from, self.src, lo.rank, lo.alpha, lo.targets) if lo.init_from else None
+        # CLIP score / overfitting of the samples at each validation, when enabled (loaded now: a problem stops early).
+        self.quality = TrainingQuality.from_recipe(r, self.device) if self.is_main else None
         # Cache stage: text encoder and VAE run once (or a matching cache is reused), then are freed
         # before the transformer loads. Training reads only the cached shards.
         # Under DeepSpeed, models load as plain modules (see distributed.plain_loading).
@@ -524,6 +527,8 @@ class Trainer:
             paths = render_samples(self, step, save=self.is_main)
             if paths:
                 self._log_images(paths, step)
+                if self.quality is not None:
+                    self._log({"step": step, **self.quality(paths, step)})
         self.accelerator.wait_for_everyone()
         return val
 
