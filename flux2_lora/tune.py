@@ -322,10 +322,12 @@ def cmd_tune(argv: list[str]) -> int:
     ours, rest = split_argv(argv)
     a = _parse(tune_parser(), ours)
     # Ray reads these when it is imported. No usage report (and no prompt about it). A cluster of our own runs
-    # with token authentication (Ray's default), set explicitly so that Ray does not warn about it; joining a
-    # cluster, Ray's own rule applies (token mode when a token is found: RAY_AUTH_TOKEN[_PATH], ~/.ray/auth_token).
+    # with token authentication (Ray's default), set explicitly so that Ray does not warn about it. Joining a
+    # cluster: token mode when RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set, else Ray's own rule (~/.ray/auth_token).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not a.ray_address:
+    token_given = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if not a.ray_address or token_given:
+        # Ray enables token mode for a client only when the mode is set; a token given in the environment means it.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     out = Path(a.output).expanduser().resolve()
     state_file = out / "sweep.json"
@@ -430,7 +432,10 @@ def connect_ray(address: str | None, num_cpus: int | None) -> bool:
         ) from None
     except ConnectionError as e:
         first = (str(e).strip().splitlines() or ["no answer"])[0]
-        raise CliError(f"--ray-address: cannot connect to a Ray cluster at {address} ({first})") from None
+        raise CliError(
+            f"--ray-address: cannot connect to a Ray cluster at {address} ({first}); check that it runs, and if it "
+            "uses token authentication set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to its token"
+        ) from None
 
 
 def _resources(a: Any, total_cpus: float, total_gpus: float) -> tuple[dict[str, float], int]:

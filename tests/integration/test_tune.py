@@ -193,3 +193,66 @@ def test_flag_errors_are_one_line(tmp_path: Path, tiny_dev: Path, sample_data: P
     res = run_cli("tune", *_tiny(tiny_dev, sample_data), "--output", str(tmp_path / "x"), "--max-steps", "4",
                   "--report-every", "8")  # fmt: skip
     assert res.returncode == 2 and "--report-every: must be in 1..--max-steps" in res.stderr
+
+
+def test_sweep_on_an_existing_cluster_with_token_auth(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
+    """A Ray head started here with token authentication (`ray start --head --block`, its own session): without
+    the token tune says so in one line; with RAY_AUTH_TOKEN it runs the sweep on that cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "f2l" + "0123456789abcdef" * 2
+    (tmp_path / "token").write_text(token)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"),
+           "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+         "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    seen: dict[int, float] = {}
+    try:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        clean["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's user
+        address = f"127.0.0.1:{port}"
+        time.sleep(5)
+        res = subprocess.run(
+            [sys.executable, "-m", "flux2_lora", "tune", *_tiny(tiny_dev, sample_data), "--output",
+             str(tmp_path / "denied"), "--trials", "1", "--max-steps", "2", "--ray-address", address],
+            env=clean, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "RAY_AUTH_TOKEN" in res.stderr and "Traceback" not in res.stderr
+
+        out = tmp_path / "sweep"
+        res = subprocess.run(
+            [sys.executable, "-m", "flux2_lora", "tune", *_tiny(tiny_dev, sample_data), "--output", str(out),
+             "--trials", "2", "--concurrent", "2", "--max-steps", "4", "--report-every", "2", "--ray-address",
+             address],
+            env={**clean, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert f"ray   {address}" in res.stdout
+        trials = json.loads((out / "trials_data.json").read_text())
+        assert len(trials) == 2 and all(t["state"] in ("completed", "pruned") for t in trials)
+        assert (out / "best_config.yaml").exists()
+        assert head.poll() is None  # the cluster is not ours to stop: tune left it running
+    finally:
+        # Stop only the head this test started, and everything below it.
+        if head.poll() is None:
+            for child in psutil.Process(head.pid).children(recursive=True):
+                seen[child.pid] = child.create_time()
+        head.terminate()
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        for pid in seen:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
