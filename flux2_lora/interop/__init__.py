@@ -1,0 +1,109 @@
+"""LoRA files in the layouts other FLUX.2 tools use: read any, write ours in theirs, merge, start training from one.
+
+  safety.py    only safetensors: pickle-based files are refused unopened
+  layouts.py   the in-memory form, each layout's names, reading (any layout) and writing (diffusers, comfyui, kohya)
+  fit.py       which model a LoRA fits, train --init-lora, lora inspect
+  merge.py     export --merge
+  commands.py  the `export` and `lora inspect` commands
+
+Every LoRA is read into one form: a dict from diffusers module names (`transformer_blocks.0.attn.to_q`) to a
+`LoraModule` (down = A of shape (r, in), up = B of shape (out, r), alpha; the update is alpha / r * B @ A).
+
+Layouts (`FORMATS`):
+  diffusers   `transformer.<module>.lora_A/B.weight` + `lora_adapter_metadata` (what training writes)
+  peft        `base_model.model.<module>.lora_A/B.weight` (PEFT's save_pretrained) or bare PEFT names
+  comfyui     `diffusion_model.<BFL name>.lora_A/B.weight`: FLUX.2's original block names, where the double
+              blocks' q, k and v live in one fused `qkv` linear (what ComfyUI and BFL's code load)
+  ai-toolkit  `diffusion_model.` keys as ai-toolkit writes them (BFL names, or diffusers names under that prefix)
+  kohya       `lora_unet_<BFL name with _>.lora_down/lora_up.weight` + `.alpha` (sd-scripts, musubi-tuner)
+
+Fused qkv: separate q, k, v factors (A_q, B_q), ... become one fused pair with A = [A_q; A_k; A_v] stacked
+(rank 3r) and B block-diagonal (B_q, B_k, B_v on the diagonal, zeros elsewhere), so B @ A = [B_q A_q; B_k A_k;
+B_v A_v]: exactly the three separate updates. The alpha goes with the larger rank (kohya: alpha x 3, so
+alpha / rank is unchanged; comfyui files carry no alpha, the scale is multiplied into B). Reading a fused
+file splits it back: block-diagonal B gives the three rank-r pairs again, any other B gives q, k, v that
+share the fused A (also exact).
+
+Only safetensors are read. A pickle-based file (.bin/.pt/.pth/.ckpt, or bytes that are not safetensors) is
+refused before anything in it is loaded: unpickling can run arbitrary code.
+"""
+
+from .commands import cmd_export, cmd_lora
+from .fit import (
+    TINY_TRANSFORMER,
+    apply_init_lora,
+    check_family,
+    check_fits,
+    check_init_lora,
+    format_inspect,
+    inspect_lora,
+    known_models,
+    linear_shapes,
+    misfits,
+    model_config,
+)
+from .layouts import (
+    ADAPTER_METADATA_KEY,
+    EXPORT_FORMATS,
+    FORMATS,
+    LoraFile,
+    LoraModule,
+    adapter_config,
+    bfl_from_kohya,
+    convert_tensors,
+    describe_targets,
+    detect_format,
+    export_metadata,
+    from_bfl,
+    fuse,
+    kohya_stem,
+    load_lora,
+    parse_lora,
+    split_fused,
+    to_bfl,
+    write_lora,
+)
+from .merge import MERGE_INFO, merge_lora
+from .safety import PICKLE_SUFFIXES, LoraFileError, require_safetensors, require_safetensors_folder, resolve_lora_path
+
+__all__ = [
+    "ADAPTER_METADATA_KEY",
+    "EXPORT_FORMATS",
+    "FORMATS",
+    "MERGE_INFO",
+    "PICKLE_SUFFIXES",
+    "TINY_TRANSFORMER",
+    "LoraFile",
+    "LoraFileError",
+    "LoraModule",
+    "adapter_config",
+    "apply_init_lora",
+    "bfl_from_kohya",
+    "check_family",
+    "check_fits",
+    "check_init_lora",
+    "cmd_export",
+    "cmd_lora",
+    "convert_tensors",
+    "describe_targets",
+    "detect_format",
+    "export_metadata",
+    "format_inspect",
+    "from_bfl",
+    "fuse",
+    "inspect_lora",
+    "known_models",
+    "kohya_stem",
+    "linear_shapes",
+    "load_lora",
+    "merge_lora",
+    "misfits",
+    "model_config",
+    "parse_lora",
+    "require_safetensors",
+    "require_safetensors_folder",
+    "resolve_lora_path",
+    "split_fused",
+    "to_bfl",
+    "write_lora",
+]
