@@ -536,14 +536,22 @@ def export_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
     return header
 
 
+def require_plain(lora: LoraFile) -> None:
+    """Conversions and merges carry A, B and alpha; a DoRA adapter's magnitude vectors would be lost."""
+    if lora.dora:
+        raise LoraFileError(
+            f"{lora.name} is a DoRA adapter (magnitude vectors): only plain LoRAs are converted or merged; "
+            "load the file as it is"
+        )
+
+
 def write_lora(lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None = None) -> Path:
     """Write `lora` as `fmt` to `path` (atomically)."""
     from safetensors.torch import save_file
 
     if fmt not in EXPORT_FORMATS:
         raise LoraFileError(f"--format: unknown format {fmt!r} (use {', '.join(EXPORT_FORMATS)})")
-    if lora.dora and fmt != "diffusers":
-        raise LoraFileError(f"{lora.name} is a DoRA adapter; it can be exported as diffusers or merged, not as {fmt}")
+    require_plain(lora)
     tensors = convert_tensors(lora, fmt, dtype)
     header = export_metadata(lora, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .fit import check_family, check_fits, model_config
-from .layouts import adapter_config, convert_tensors, load_lora
+from .layouts import adapter_config, convert_tensors, load_lora, require_plain
 from .safety import LoraFileError, require_safetensors_folder
 
 MERGE_INFO = "merged_lora.json"
@@ -60,6 +60,7 @@ def merge_lora(
     from ..model import DTYPES, resolve_model
 
     lora = load_lora(lora_spec)
+    require_plain(lora)
     output = Path(output).expanduser()
     if output.exists() and any(output.iterdir()):
         raise LoraFileError(f"--output: {output} exists and is not empty; choose a new folder")

@@ -269,3 +269,10 @@ def test_a_model_folder_with_pickled_weights_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no .safetensors weights .only diffusion_pytorch_model.bin.; pickle-based"):
         load_transformer(src, torch.float32)
     assert not marker.exists()
+
+
+def test_dora_adapters_are_not_converted_or_merged(lora: LoraFile, tmp_path: Path) -> None:
+    dora = LoraFile(format="diffusers", modules=lora.modules, dora=True, path=Path("dora.safetensors"))
+    for fmt in interop.EXPORT_FORMATS:
+        with pytest.raises(LoraFileError, match="dora.safetensors is a DoRA adapter"):
+            interop.write_lora(dora, tmp_path / f"{fmt}.safetensors", fmt)
