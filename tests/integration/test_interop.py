@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,9 +24,16 @@ MIN_EFFECT = 0.02  # the LoRA must change the image by at least this much, or th
 LOSS_TOL = 1e-6
 
 
-def _generate(pipe: object) -> np.ndarray:
-    out = pipe(  # type: ignore[operator]
-        prompt="sks a red circle on a blue background",
+PROMPT = "sks a red circle on a blue background"
+_EMBEDS: dict[str, torch.Tensor] = {}
+
+
+def _generate(pipe: Any) -> np.ndarray:
+    """One fixed-seed image; the prompt is encoded once (the LoRA lives in the transformer only)."""
+    if "prompt" not in _EMBEDS:
+        _EMBEDS["prompt"] = pipe.encode_prompt(prompt=PROMPT, max_sequence_length=64)[0]
+    out = pipe(
+        prompt_embeds=_EMBEDS["prompt"],
         height=64,
         width=64,
         num_inference_steps=4,
