@@ -8,8 +8,10 @@ backend and the environment. The launcher renders, under OUTPUT/launch/:
     job.sbatch               slurm only: launch/slurm/{single,multi}-node.sbatch with its settings filled in
 
 then runs `accelerate launch` here (local), submits the batch script with `sbatch` (slurm), or submits
-one `accelerate launch` as a Ray job with `ray job submit` (ray; checked as a dry run only so far, a
-real Ray cluster run is a later issue). `--dry-run` writes the files and prints the commands only.
+one `accelerate launch` as a Ray job with `ray job submit` (ray). `--dry-run` writes the files and prints
+the commands only. With `command: tune` the same backends run a hyperparameter sweep (`flux2-lora tune`):
+here, as a Ray job whose trials spread over the Ray cluster, or as a Slurm job that starts a Ray cluster on
+its nodes (launch/slurm/ray-sweep.sbatch).
 
 The train command always names the strategy (`--distributed.strategy ...`) so the trainer and the
 accelerate config agree, and passes `--resume latest` (unless `resume: false`): a relaunch, a
@@ -88,7 +90,7 @@ class SlurmOptions:
 
 @dataclass
 class RayOptions:
-    """Ray job submission (backend: ray; one node for now, multi-node Ray is a later issue)."""
+    """Ray job submission (backend: ray): a training run on one node, or a sweep over the whole Ray cluster."""
 
     address: str = "http://127.0.0.1:8265"
     """Ray dashboard address of the cluster (`ray job submit --address`)."""
@@ -111,6 +113,11 @@ class Manifest:
     output: str
     """Output folder (the recipe's output.dir); launch files go to OUTPUT/launch/. On a cluster it must be on a
     file system every node sees."""
+    command: Literal["train", "tune"] = "train"
+    """train: one training run; tune: a hyperparameter sweep (`flux2-lora tune`), one process per trial, the trials
+    spread over the nodes by Ray (slurm: launch/slurm/ray-sweep.sbatch starts a Ray cluster in the job)."""
+    tune_args: list[str] = field(default_factory=list)
+    """command tune: `flux2-lora tune` flags, e.g. [--trials, 50, --max-steps, 500, --gpus-per-trial, 1]."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted recipe fields and their values, e.g. {training.max_steps: 2000, data.dataset: /data/shards}."""
     resources: Resources = field(default_factory=Resources)
@@ -168,6 +175,21 @@ class Plan:
     def train_command(self) -> list[str]:
         resume = ["--resume", "latest"] if self.manifest.resume or self.manifest.backend == "slurm" else []
         return ["-m", "flux2_lora", "train", *self.train_args, "--output.dir", str(self.out), *resume]
+
+    def tune_command(self, ray_address: str | None = None) -> list[str]:
+        """`flux2-lora tune` for command: tune; a sweep already in OUTPUT is resumed (its recipe is saved there)."""
+        if (self.out / "sweep.json").exists():
+            args = ["--output", str(self.out), "--resume"]
+        else:
+            args = [*recipe_args(self.manifest), "--output", str(self.out), *self.manifest.tune_args]
+        return [
+            self.python,
+            "-m",
+            "flux2_lora",
+            "tune",
+            *args,
+            *(["--ray-address", ray_address] if ray_address else []),
+        ]
 
     def accelerate_command(self, machine_rank: int = 0, main_ip: str = "127.0.0.1") -> list[str]:
         cmd = [self.python, "-m", "accelerate.commands.launch", "--config_file", str(self.accelerate_config)]
@@ -262,10 +284,18 @@ def _check(m: Manifest) -> None:
             "offload",
             "`all` (parameters too) needs strategy zero3; zero2 offloads the optimizer",
         )
-    if m.backend == "ray":
-        _need(
-            r.nodes == 1, "resources.nodes", "the ray backend runs one node for now (multi-node Ray is a later issue)"
-        )
+    if m.backend == "ray" and m.command == "train":
+        _need(r.nodes == 1, "resources.nodes", "a training run as a Ray job runs on one node (a sweep may use many)")
+    if m.command == "tune":
+        _need(m.strategy == "ddp", "strategy", "a sweep runs each trial as one process; leave strategy at ddp")
+        for flag in m.tune_args:
+            _need(
+                flag.split("=")[0] not in ("--output", "--ray-address", "--resume"),
+                "tune_args",
+                f"{flag} is set by the launcher (output, the job's Ray cluster, resume)",
+            )
+    else:
+        _need(not m.tune_args, "tune_args", "only with command: tune")
     _need(
         not (m.slurm.script == "single-node" and r.nodes > 1),
         "slurm.script",
@@ -471,6 +501,24 @@ def _settings_block(p: Plan) -> list[str]:
     return lines
 
 
+def _tune_settings_block(p: Plan) -> list[str]:
+    m = p.manifest
+    q = shlex.quote
+    lines = [
+        f"{_SETTINGS_BEGIN}: written by `flux2-lora launch`; edit them to use this script by hand ----",
+        f"PYTHON={q(p.python)}",
+        f"OUTPUT_DIR={q(str(p.out))}",
+        f"RAY_PORT={m.main_port}",
+        f"MAX_RESTARTS={m.slurm.max_restarts}",
+        "RECIPE_ARGS=(" + " ".join(q(a) for a in recipe_args(m)) + ")",
+        "TUNE_ARGS=(" + " ".join(q(a) for a in m.tune_args) + ")",
+    ]
+    lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
+    lines += list(m.slurm.setup)
+    lines.append(f"{_SETTINGS_END} ----")
+    return lines
+
+
 def _sbatch_lines(p: Plan, script: str) -> list[str]:
     m, r = p.manifest, p.manifest.resources
     log = m.slurm.log or str(p.launch_dir / "slurm-%j.out")
@@ -478,7 +526,7 @@ def _sbatch_lines(p: Plan, script: str) -> list[str]:
         f"--job-name={m.slurm.job_name}",
         f"--nodes={p.nodes}",
     ]
-    if script == "multi-node":
+    if script in ("multi-node", "ray-sweep"):
         lines.append("--ntasks-per-node=1")  # one accelerate launcher per node starts the node's processes
     else:
         lines.append("--ntasks=1")
@@ -493,6 +541,8 @@ def _sbatch_lines(p: Plan, script: str) -> list[str]:
 
 
 def slurm_script_name(p: Plan) -> str:
+    if p.manifest.command == "tune":
+        return "ray-sweep"
     s = p.manifest.slurm.script
     return ("single-node" if p.nodes == 1 else "multi-node") if s == "auto" else s
 
@@ -511,7 +561,7 @@ def render_sbatch(p: Plan, template_dir: Path = SLURM_DIR) -> str:
             continue
         if line.startswith(_SETTINGS_BEGIN):
             in_settings = True
-            out += _settings_block(p)
+            out += _tune_settings_block(p) if name == "ray-sweep" else _settings_block(p)
             continue
         if in_settings:
             in_settings = not line.startswith(_SETTINGS_END)
@@ -522,8 +572,10 @@ def render_sbatch(p: Plan, template_dir: Path = SLURM_DIR) -> str:
 
 def write_files(p: Plan) -> dict[str, Path]:
     p.launch_dir.mkdir(parents=True, exist_ok=True)
-    files = {"accelerate_config": p.accelerate_config}
-    p.accelerate_config.write_text(yaml.safe_dump(accelerate_config(p), sort_keys=False))
+    files: dict[str, Path] = {}
+    if p.manifest.command == "train":  # a sweep's trials are single processes: no accelerate config
+        files["accelerate_config"] = p.accelerate_config
+        p.accelerate_config.write_text(yaml.safe_dump(accelerate_config(p), sort_keys=False))
     if p.deepspeed_json is not None:
         p.deepspeed_json.write_text(json.dumps(deepspeed_config(p), indent=2) + "\n")
         files["deepspeed"] = p.deepspeed_json
@@ -657,7 +709,7 @@ def ray_command(p: Plan) -> list[str]:
     if m.ray.no_wait:
         cmd.append("--no-wait")
     # On the cluster the interpreter is the job's own `python`, not this machine's path.
-    launch = p.accelerate_command()
+    launch = p.tune_command("auto") if m.command == "tune" else p.accelerate_command()
     launch[0] = m.python or "python"
     return [*cmd, "--", *launch]
 
@@ -667,7 +719,7 @@ def cmd_launch(argv: list[str]) -> int:
     p = command_parser(
         "launch",
         "Start a recipe as the MANIFEST says: `accelerate launch` here (local), an sbatch job (slurm) or a Ray job "
-        "(ray: checked with --dry-run so far; a real Ray cluster run is a later issue). Files go to OUTPUT/launch/. "
+        "(ray). `command: tune` runs a sweep (Slurm: a Ray cluster in the job). Files go to OUTPUT/launch/. "
         "Examples: launch/manifests/.",
     )
     p.add_argument("manifest", type=str, help="Manifest YAML (fields: see launch/manifests/ and the README).")
@@ -681,10 +733,18 @@ def cmd_launch(argv: list[str]) -> int:
     files = write_files(pl)
     for name, path in files.items():
         print(f"wrote {name}: {path}")
-    print(
-        f"{pl.nodes} node(s) x {pl.per_node} process(es) = {pl.world_size}, strategy {m.strategy}, "
-        f"mixed precision {pl.mixed_precision}, backend {m.backend}"
-    )
+    if m.command == "tune":
+        print(f"sweep on {pl.nodes} node(s), one process per trial, backend {m.backend}")
+    else:
+        print(
+            f"{pl.nodes} node(s) x {pl.per_node} process(es) = {pl.world_size}, strategy {m.strategy}, "
+            f"mixed precision {pl.mixed_precision}, backend {m.backend}"
+        )
+    if m.backend == "local" and m.command == "tune":
+        _need(pl.nodes == 1, "resources.nodes", "a local sweep runs on this machine; use slurm or ray for more nodes")
+        cmd = pl.tune_command()
+        print("run: " + _show(cmd, pl.env))
+        return 0 if a.dry_run else subprocess.call(cmd, env={**os.environ, **pl.env})
     if m.backend == "local":
         cmds = local_commands(pl)
         for cmd in cmds:
@@ -695,13 +755,17 @@ def cmd_launch(argv: list[str]) -> int:
             print(f"local: {pl.nodes} machine ranks on this host (a rendezvous test, not a multi-node speed-up)")
         return run_local(pl)
     if m.backend == "slurm":
-        print(
-            f"each node runs: {shlex.join(pl.accelerate_command(0, '$MAIN_ADDR'))}".replace(
-                "--machine_rank 0", "--machine_rank $SLURM_NODEID"
+        if m.command == "tune":
+            runs = shlex.join(pl.tune_command("$HEAD_IP:$RAY_PORT"))
+            print(f"the job starts Ray on {pl.nodes} node(s) and runs: {runs}")
+        else:
+            print(
+                f"each node runs: {shlex.join(pl.accelerate_command(0, '$MAIN_ADDR'))}".replace(
+                    "--machine_rank 0", "--machine_rank $SLURM_NODEID"
+                )
+                if pl.nodes > 1
+                else f"the job runs: {shlex.join(pl.accelerate_command())}"
             )
-            if pl.nodes > 1
-            else f"the job runs: {shlex.join(pl.accelerate_command())}"
-        )
         cmd = slurm_command(files)
         print("run: " + _show(cmd))
         if a.dry_run:

@@ -358,4 +358,75 @@ def test_slurm_templates_are_valid_bash_with_a_settings_block() -> None:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
         text = script.read_text()
         assert "# ---- settings" in text and "# ---- end settings" in text
-        assert "--resume latest" in text and "scontrol requeue" in text and "#SBATCH --requeue" in text
+        resume = "--resume" if script.stem == "ray-sweep" else "--resume latest"  # a sweep resumes as a whole
+        assert resume in text and "scontrol requeue" in text and "#SBATCH --requeue" in text
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+def test_dry_run_of_a_sweep_on_each_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """command: tune renders launch/slurm/ray-sweep.sbatch (slurm), a Ray job that joins the cluster (ray), or the
+    tune command itself (local); no accelerate config, since each trial is one process."""
+    out = tmp_path / "out"
+    stdout = _dry_run(MANIFESTS / "slurm-tune-2nodes.yaml", out, capsys)
+    script = out / "launch" / "job.sbatch"
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert not (out / "launch" / "accelerate_config.yaml").exists()
+    for line in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300"):
+        assert f"#SBATCH {line}\n" in text
+    assert "TUNE_ARGS=(--trials 64 --max-steps 500 --gpus-per-trial 1 --concurrent 16)" in text
+    assert "RECIPE_ARGS=(--preset character --data.dataset /shared/data/me-cache" in text
+    assert "RAY_AUTH_MODE=token" in text and "ray.scripts.scripts start" in text
+    assert "-m flux2_lora tune" in stdout and "--ray-address" in stdout
+
+    ray = _manifest(
+        tmp_path / "ray.yaml", recipe="tiny", output=str(tmp_path / "r"), command="tune", backend="ray",
+        tune_args=["--trials", "8"], ray={"address": "http://head:8265"},
+    )  # fmt: skip
+    stdout = _dry_run(ray, tmp_path / "r", capsys)
+    run = next(ln for ln in stdout.splitlines() if ln.startswith("run: ray job submit"))
+    assert " -- python -m flux2_lora tune --preset tiny --output " in run and run.endswith("--ray-address auto")
+
+    local = _manifest(tmp_path / "local.yaml", recipe="tiny", output=str(tmp_path / "l"), command="tune")
+    stdout = _dry_run(local, tmp_path / "l", capsys)
+    assert f"-m flux2_lora tune --preset tiny --output {tmp_path / 'l'}" in stdout
+    (tmp_path / "l" / "sweep.json").write_text("{}")  # a sweep already there is resumed
+    assert f"--output {tmp_path / 'l'} --resume" in _dry_run(local, tmp_path / "l", capsys)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"command": "tune", "tune_args": ["--output", "x"]}, "tune_args: --output is set by the launcher"),
+        ({"command": "tune", "strategy": "fsdp"}, "strategy: a sweep runs each trial as one process"),
+        ({"tune_args": ["--trials", "4"]}, "tune_args: only with command: tune"),
+    ],
+)
+def test_sweep_manifest_errors(fields: dict[str, object], message: str, tmp_path: Path) -> None:
+    m = _manifest(tmp_path / "m.yaml", recipe="tiny", output=str(tmp_path / "o"), **fields)
+    res = run_cli("launch", str(m), "--dry-run")
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_slurm_ray_sweep(slurm: SlurmCluster, tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
+    """ray-sweep.sbatch on the local Slurm cluster: the job starts a Ray head with token auth, runs a 2-trial sweep
+    against it, stops Ray and completes; the sweep's outputs are in OUTPUT."""
+    out = tmp_path / "sweep"
+    m = _manifest(
+        tmp_path / "m.yaml", recipe="tiny", output=str(out), command="tune", backend="slurm",
+        overrides={"model.name_or_path": str(tiny_dev), "data.dataset": str(sample_data)},
+        tune_args=["--trials", "2", "--concurrent", "2", "--max-steps", "4", "--report-every", "2"],
+        resources={"nodes": 1, "cpus_per_task": 2}, main_port=_free_port(),
+        slurm={"job_name": "t-ray-sweep", "signal_seconds": 0},
+    )  # fmt: skip
+    job = slurm.sbatch(_render(m, out))
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED"), 600)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED", log[-4000:] + slurm._logs()
+    assert "Ray head" in log and "driver exit code 0" in log
+    trials = json.loads((out / "trials_data.json").read_text())
+    assert len(trials) == 2 and all(t["state"] in ("completed", "pruned") for t in trials)
+    assert (out / "best_config.yaml").exists()
+    assert (out / "ray-auth-token").stat().st_mode & 0o077 == 0  # the token is readable by its owner only
