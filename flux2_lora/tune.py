@@ -423,7 +423,8 @@ def connect_ray(address: str | None, num_cpus: int | None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
             return False
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # address="local": always a new cluster of our own, never one that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         return True
     except AuthenticationError:
         raise CliError(
