@@ -482,41 +482,30 @@ def deepspeed_config(p: Plan) -> dict[str, Any]:
     }
 
 
-def _settings_block(p: Plan) -> list[str]:
+def _settings_block(p: Plan, script: str) -> list[str]:
+    """The template's settings block filled in: the script's own variables, then the environment and setup lines."""
     m = p.manifest
     q = shlex.quote
-    lines = [
+
+    def array(name: str, args: list[str]) -> str:
+        return f"{name}=(" + " ".join(q(a) for a in args) + ")"
+
+    if script == "ray-sweep":
+        own = [f"RAY_PORT={m.main_port}", f"MAX_RESTARTS={m.slurm.max_restarts}",
+               array("RECIPE_ARGS", recipe_args(m)), array("TUNE_ARGS", m.tune_args)]  # fmt: skip
+    else:
+        own = [f"ACCELERATE_CONFIG={q(str(p.accelerate_config))}", f"MAIN_PORT={m.main_port}",
+               f"MAX_RESTARTS={m.slurm.max_restarts}", array("LAUNCH_ARGS", p.launch_args()),
+               array("TRAIN_ARGS", p.train_args)]  # fmt: skip
+    return [
         f"{_SETTINGS_BEGIN}: written by `flux2-lora launch`; edit them to use this script by hand ----",
         f"PYTHON={q(p.python)}",
         f"OUTPUT_DIR={q(str(p.out))}",
-        f"ACCELERATE_CONFIG={q(str(p.accelerate_config))}",
-        f"MAIN_PORT={m.main_port}",
-        f"MAX_RESTARTS={m.slurm.max_restarts}",
-        "LAUNCH_ARGS=(" + " ".join(q(a) for a in p.launch_args()) + ")",
-        "TRAIN_ARGS=(" + " ".join(q(a) for a in p.train_args) + ")",
+        *own,
+        *(f"export {k}={q(v)}" for k, v in p.env.items()),
+        *m.slurm.setup,
+        f"{_SETTINGS_END} ----",
     ]
-    lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
-    lines += list(m.slurm.setup)
-    lines.append(f"{_SETTINGS_END} ----")
-    return lines
-
-
-def _tune_settings_block(p: Plan) -> list[str]:
-    m = p.manifest
-    q = shlex.quote
-    lines = [
-        f"{_SETTINGS_BEGIN}: written by `flux2-lora launch`; edit them to use this script by hand ----",
-        f"PYTHON={q(p.python)}",
-        f"OUTPUT_DIR={q(str(p.out))}",
-        f"RAY_PORT={m.main_port}",
-        f"MAX_RESTARTS={m.slurm.max_restarts}",
-        "RECIPE_ARGS=(" + " ".join(q(a) for a in recipe_args(m)) + ")",
-        "TUNE_ARGS=(" + " ".join(q(a) for a in m.tune_args) + ")",
-    ]
-    lines += [f"export {k}={q(v)}" for k, v in p.env.items()]
-    lines += list(m.slurm.setup)
-    lines.append(f"{_SETTINGS_END} ----")
-    return lines
 
 
 def _sbatch_lines(p: Plan, script: str) -> list[str]:
@@ -561,7 +550,7 @@ def render_sbatch(p: Plan, template_dir: Path = SLURM_DIR) -> str:
             continue
         if line.startswith(_SETTINGS_BEGIN):
             in_settings = True
-            out += _tune_settings_block(p) if name == "ray-sweep" else _settings_block(p)
+            out += _settings_block(p, name)
             continue
         if in_settings:
             in_settings = not line.startswith(_SETTINGS_END)
