@@ -69,6 +69,8 @@ def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
     """A LoRA from a `.safetensors` file or a checkpoint folder holding `lora.safetensors`."""
     from safetensors import safe_open
 
+    from ..interop.safety import require_safetensors
+
     path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"{what}: {spec} does not exist")
@@ -79,11 +81,7 @@ def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
             raise CheckpointError(f"{what}: {spec} is a training run folder; pass --run {spec} to take its checkpoints")
         else:
             raise CheckpointError(f"{what}: {spec} is a folder without {LORA_FILE}")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(
-            f"{what}: {path} is not a .safetensors file; only safetensors LoRAs are read (pickle formats such as "
-            ".bin/.ckpt/.pt are never loaded; convert the file with safetensors first)"
-        )
+    require_safetensors(path, what)  # by extension and first bytes, never unpickled
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -244,6 +242,8 @@ class Evaluator:
         guidance: float = 4.0,
         max_sequence_length: int | None = None,
     ):
+        from ..train import _quiet_libraries
+
         _quiet_libraries()
         self.refs = refs
         unique_labels(refs)
@@ -417,17 +417,6 @@ class Evaluator:
                 total += float(loss)
                 n += 1
         return total / max(n, 1)
-
-
-def _quiet_libraries() -> None:
-    """Our progress bars are enough: silence the per-file bars and notices of transformers and diffusers."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
