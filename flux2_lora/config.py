@@ -47,6 +47,14 @@ class ModelArgs:
     compile: bool = False
     """torch.compile each transformer block (regional: one compiled graph reused by every block of a kind).
     Off by default: it costs compile time up front, and scripts/bench_step.py measures whether it pays."""
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
+    """Store the frozen transformer's block linears quantized (LoRA trains on top in full precision; norms, embeddings,
+    modulation and the final projection stay at `dtype`). `int8`: torchao weight-only int8 (CPU or GPU); `nf4`:
+    bitsandbytes 4-bit (GPU); `fp8`: torchao fp8 weight-only (GPU with compute capability >= 8.9). Needs the `quant`
+    extra. The saved LoRA is the same file as without quantization and loads on an unquantized pipeline."""
+    blocks_to_swap: int = 0
+    """Keep this many transformer blocks' frozen weights in (pinned) host memory and copy each to the GPU just before
+    it runs, forward and backward recompute (needs gradient checkpointing on every block). 0: all on the device."""
     force_cpu_loading: bool = False
     """Load every component on the CPU first, then move only what a stage needs to the device."""
     revision: str | None = None
@@ -283,6 +291,18 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(bool(m.name_or_path), "model.name_or_path", "must name a model folder, hub id or builtin:tiny-dev")
     _require(m.gradient_checkpointing_every >= 1, "model.gradient_checkpointing_every", "must be >= 1")
     _require(m.max_sequence_length > 0, "model.max_sequence_length", f"must be > 0, got {m.max_sequence_length}")
+    _require(m.blocks_to_swap >= 0, "model.blocks_to_swap", f"must be >= 0, got {m.blocks_to_swap}")
+    if m.blocks_to_swap:
+        _require(
+            m.gradient_checkpointing and m.gradient_checkpointing_every == 1,
+            "model.blocks_to_swap",
+            "needs model.gradient_checkpointing: true and gradient_checkpointing_every: 1 (backward recomputes "
+            "each swapped block after copying it back)",
+        )
+        _require(not m.compile, "model.blocks_to_swap", "cannot be combined with model.compile: true")
+        _require(
+            m.quantize != "nf4", "model.blocks_to_swap", "cannot be combined with model.quantize: nf4 (use int8 or fp8)"
+        )
     if m.text_encoder_layers is not None:
         _require(len(m.text_encoder_layers) > 0, "model.text_encoder_layers", "must list at least one layer")
     _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")

@@ -202,16 +202,42 @@ def load_vae(src: ModelSource, dtype: torch.dtype = torch.float32, device: torch
     return vae
 
 
-def load_transformer(src: ModelSource, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
+def load_transformer(
+    src: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    quantize: str = "none",
+    keep_on_host: int = 0,
+) -> Any:
+    """The frozen transformer on `device` (None: the CPU), its block linears quantized when `quantize` is not none.
+
+    int8/fp8 (torchao) read the weights into host memory and quantize block by block on the device; nf4 quantizes
+    each weight as diffusers loads it onto the GPU (see quant.py). With `keep_on_host` (block swapping) the model
+    is read into host memory and the last `keep_on_host` blocks stay there; `swap.attach_block_swap` moves the rest.
+    """
     from diffusers import Flux2Transformer2DModel
 
+    kwargs: dict[str, Any] = {}
+    if quantize != "none":
+        from .quant import bnb_config, check_quantize
+
+        check_quantize(quantize, torch.device(device if device is not None else "cpu"))
+        if quantize == "nf4":
+            kwargs["quantization_config"] = bnb_config(quantize, dtype)
+    host_first = quantize in ("int8", "fp8") or keep_on_host > 0
     transformer = Flux2Transformer2DModel.from_pretrained(
         safetensors_only(src.path / "transformer"),
         torch_dtype=dtype,
-        device_map=_device_map(device),
+        device_map=_device_map(None if host_first else device),
         use_safetensors=True,
+        **kwargs,
     )
     transformer.requires_grad_(False)
+    if quantize in ("int8", "fp8"):
+        from .quant import quantize_blocks
+
+        n = quantize_blocks(transformer, quantize, device if device is not None else "cpu", keep_on_host)
+        log.info("quantized %d block linears to %s", n, quantize)
     return transformer
 
 

@@ -45,6 +45,7 @@ from .evaluate.callback import TrainingQuality
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
+    ModelError,
     ModelSource,
     add_lora,
     compile_blocks,
@@ -56,7 +57,9 @@ from .model import (
     resolve_model,
 )
 from .plots import loss_plot, progress_sheet
+from .quant import check_quantize
 from .sampling import render_samples
+from .swap import BlockSwapper, attach_block_swap
 
 log = logging.getLogger("flux2_lora")
 
@@ -142,6 +145,10 @@ class Trainer:
             _write_recipe(self.out / "recipe.yaml", r)
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
+        # A quantization or block swap that cannot run here stops now, before the cache stage.
+        check_quantize(r.model.quantize, self.device)
+        if r.model.blocks_to_swap and acc.num_processes > 1:
+            raise ModelError("model.blocks_to_swap: works with one training process only in this version (set it to 0)")
         self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
         lo = r.lora
         # --init-lora: read and check the LoRA against the model and the recipe now, before the cache stage runs.
@@ -167,8 +174,13 @@ class Trainer:
 
             # Transformer + LoRA.
             # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
+            host = r.model.force_cpu_loading and r.model.quantize == "none"
             self.transformer = load_transformer(
-                self.src, DTYPES[r.model.dtype], None if r.model.force_cpu_loading else self.device
+                self.src,
+                DTYPES[r.model.dtype],
+                None if host else self.device,
+                quantize=r.model.quantize,
+                keep_on_host=r.model.blocks_to_swap,
             )
         self.lora_config = add_lora(
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
@@ -184,11 +196,17 @@ class Trainer:
             f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
         )
-        self.transformer.to(self.device)
+        self.swapper: BlockSwapper | None = None
+        if r.model.blocks_to_swap:  # the swapped blocks' frozen weights stay in host memory; the rest goes over
+            self.swapper = attach_block_swap(self.transformer, r.model.blocks_to_swap, self.device)
+            self._print(f"swap  {r.model.blocks_to_swap} blocks' frozen weights in host memory, copied in per block")
+        else:
+            self.transformer.to(self.device)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, r)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
-        self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
+        placement = [False, True] if self.swapper is not None else None  # accelerate must not move swapped blocks
+        self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer, device_placement=placement)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen base, every step
         if acc.num_processes > 1:
             tensors = list(self.model.parameters())

@@ -1,0 +1,146 @@
+"""A quantized frozen base: the transformer's block linears stored in int8 / fp8 (torchao) or nf4 (bitsandbytes).
+
+Only the linear layers inside `transformer_blocks` and `single_transformer_blocks` are quantized (the same rule as
+`memory.is_quantizable`); norms, embeddings (`x_embedder`, `context_embedder`, time/guidance embedders), the
+modulation layers and the final `norm_out` / `proj_out` stay at the model dtype. The LoRA is added afterwards by
+PEFT, which wraps torchao and bitsandbytes linears in its own LoRA layers, so the trained adapter is the same
+tensors under the same keys as without quantization.
+
+torchao paths (int8, fp8) quantize while loading, one block at a time: the model is read into host memory, then
+each block is moved to the device and quantized there, so the device never holds more than one block at the model
+dtype. nf4 goes through diffusers' `BitsAndBytesConfig`, which quantizes each weight as it is loaded onto the GPU.
+Only int8 runs on the CPU; nf4 and fp8 are written for GPUs and have not run on one in this repository yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from .memory import is_quantizable
+from .model import ModelError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "nf4", "int8", "fp8")
+
+
+class QuantizationError(ModelError):
+    """A quantization that cannot run here; the message is one line with what to do instead."""
+
+
+def check_quantize(kind: str, device: torch.device) -> None:
+    """Raise QuantizationError (one line) when `kind` cannot run on `device` or its library is missing."""
+    if kind == "none":
+        return
+    if kind not in KINDS:
+        raise QuantizationError(f"model.quantize: unknown value {kind!r} (none, nf4, int8 or fp8)")
+    on_gpu = device.type == "cuda"
+    if kind == "nf4":
+        if not on_gpu:
+            raise QuantizationError(
+                "model.quantize: nf4 (bitsandbytes 4-bit) needs a CUDA GPU; on the CPU use model.quantize: int8 "
+                "(torchao) or none"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise QuantizationError("model.quantize: nf4 needs bitsandbytes: pip install 'flux2-lora[bitsandbytes]'")
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"model.quantize: {kind} needs torchao: pip install 'flux2-lora[quant]'")
+    if kind == "fp8":
+        if not on_gpu:
+            raise QuantizationError(
+                "model.quantize: fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper); on the CPU "
+                "use model.quantize: int8"
+            )
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise QuantizationError(
+                f"model.quantize: fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}; "
+                "use model.quantize: int8 or nf4"
+            )
+
+
+def blocks(transformer: Any) -> list[torch.nn.Module]:
+    """The transformer blocks in the order they run: double-stream, then single-stream."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+def _torchao_config(kind: str) -> Any:
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    return Float8WeightOnlyConfig()
+
+
+def quantize_blocks(transformer: Any, kind: str, device: torch.device | str, keep_on_host: int = 0) -> int:
+    """torchao int8/fp8: quantize the block linears in place, one block at a time on `device`. Returns how many.
+
+    The transformer is expected in host memory. Each block is moved to `device`, quantized there (fast on a GPU,
+    and the device holds one block at the model dtype at most), and left there; the last `keep_on_host` blocks
+    are moved back to host memory afterwards (block swapping reads them from there). Modules outside the blocks
+    are not touched.
+    """
+    from torchao.quantization import quantize_
+
+    config = _torchao_config(kind)
+    device = torch.device(device)
+    every = blocks(transformer)
+    count = 0
+    for i, block in enumerate(every):
+        block.to(device)
+        names = {id(m) for n, m in block.named_modules() if is_quantizable(f"transformer_blocks.{n}", m)}
+        count += len(names)
+        quantize_(block, config, filter_fn=lambda m, _fqn, names=names: id(m) in names)
+        if i >= len(every) - keep_on_host:
+            block.to("cpu")
+    quiet_peft_torchao()
+    return count
+
+
+def quiet_peft_torchao() -> None:
+    """PEFT warns that merge() needs a requantization function; this trainer never merges into the quantized base."""
+    warnings.filterwarnings("ignore", message=r"TorchaoLoraLinear was instantiated without")
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    """diffusers' BitsAndBytesConfig for nf4: only block linears are quantized (the rest is skipped by name)."""
+    from diffusers import BitsAndBytesConfig
+
+    keep = [
+        "x_embedder",
+        "context_embedder",
+        "time_guidance_embed",
+        "double_stream_modulation_img",
+        "double_stream_modulation_txt",
+        "single_stream_modulation",
+        "norm_out",
+        "proj_out",
+    ]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=keep,
+    )
+
+
+def quantized_count(transformer: Any) -> int:
+    """How many block linears hold a quantized weight (torchao tensor subclass or bitsandbytes parameter)."""
+    n = 0
+    for _, m in transformer.named_modules():
+        w = getattr(m, "weight", None)
+        if w is None or not isinstance(m, torch.nn.Linear):
+            continue
+        cls = type(w).__module__
+        if cls.startswith("torchao") or cls.startswith("bitsandbytes"):
+            n += 1
+    return n
