@@ -14,6 +14,8 @@ The estimate is computed, not guessed from a table:
   LoRA weights, their gradients and AdamW's two moments are fp32 (8-bit AdamW keeps 2 bytes a value);
   a quantized base counts the bytes of its format (nf4 with double quantisation ~0.52 B/param, int8 and
   fp8 ~1 B/param plus scales) for the block linears it replaces, the rest stays at the model dtype.
+- Block swapping (`model.blocks_to_swap: N`) takes the frozen weights of the last N blocks off the device and
+  adds back the two largest of them (the block running and the next one being copied in).
 
 The result is comparable to `torch.cuda.max_memory_allocated()` (scripts/bench_gpu.py checks it);
 the CUDA context (~0.5 GiB) and allocator fragmentation come on top and are listed as a reserve.
@@ -211,6 +213,7 @@ class Setup:
     checkpoint_every: int = 1
     optimizer: str = "adamw"
     quantize: str = "none"
+    blocks_to_swap: int = 0
 
     @classmethod
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
@@ -227,6 +230,7 @@ class Setup:
             checkpoint_every=m.gradient_checkpointing_every,
             optimizer=t.optimizer,
             quantize=getattr(m, "quantize", "none"),
+            blocks_to_swap=getattr(m, "blocks_to_swap", 0),
         )
 
 
@@ -298,23 +302,32 @@ def simulate_step(transformer: Any, setup: Setup) -> tuple[int, int]:
     return before, mem.peak
 
 
-_SIMULATED: dict[str, tuple[float, dict[str, float], int]] = {}
+_SIMULATED: dict[str, tuple[float, dict[str, float], int, list[tuple[float, float]]]] = {}
 
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """The memory plan for training `shape` with `setup` on one process (see the module docstring)."""
     # The simulation depends on neither the optimizer nor the quantization; plans that vary only those reuse it.
-    key = json.dumps([shape.transformer, dataclasses.asdict(setup) | {"optimizer": "", "quantize": ""}], default=str)
+    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0}
+    key = json.dumps([shape.transformer, dataclasses.asdict(setup) | unused], default=str)
     if key not in _SIMULATED:
         _SIMULATED[key] = _simulate(shape, setup)
-    activations, counts, largest = _SIMULATED[key]
+    activations, counts, largest, per_block = _SIMULATED[key]
     n_frozen, n_lora = counts["frozen"], counts["lora"]
     n_quant = counts["quantizable"] if setup.quantize != "none" else 0.0
     dtype_bytes = DTYPE_BYTES[setup.dtype]
     weights = (n_frozen - n_quant) * dtype_bytes + n_quant * QUANT_BYTES.get(setup.quantize, dtype_bytes)
+    swap = min(max(setup.blocks_to_swap, 0), len(per_block))
+    if swap:  # the last `swap` blocks live in host memory; two of them at most are on the device at once
+        q = QUANT_BYTES.get(setup.quantize, dtype_bytes)
+        sizes = [plain * dtype_bytes + (quant * q if setup.quantize != "none" else quant * dtype_bytes)
+                 for plain, quant in per_block[-swap:]]  # fmt: skip
+        weights -= sum(sizes) - sum(sorted(sizes)[-2:])
 
     est = Estimate()
     label = f"{setup.quantize} blocks + {setup.dtype}" if setup.quantize != "none" else setup.dtype
+    if swap:
+        label += f", {swap} blocks swapped to host"
     est.parts[f"frozen transformer weights ({label})"] = weights
     est.parts["LoRA parameters (fp32)"] = n_lora * 4
     est.parts["LoRA gradients (fp32)"] = n_lora * 4
@@ -335,8 +348,9 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     return est
 
 
-def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float], int]:
-    """(activation bytes, parameter counts, largest quantizable weight) from one simulated step on meta tensors."""
+def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float], int, list[tuple[float, float]]]:
+    """(activation bytes, parameter counts, largest quantizable weight, per block in run order its frozen
+    (not quantizable, quantizable) counts) from one simulated step on meta tensors."""
     from .model import add_lora, enable_checkpointing
 
     dtype_bytes = DTYPE_BYTES[setup.dtype]
@@ -362,4 +376,11 @@ def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float],
         "quantizable": float(sum(p.numel() for n, p in frozen if n in quantizable)),
     }
     largest = max((p.numel() for n, p in frozen if n in quantizable), default=0)
-    return float(max(activations, 0)), counts, largest
+    per_block: list[tuple[float, float]] = []
+    for prefix, n_blocks in (("transformer_blocks.", model.config.num_layers),
+                             ("single_transformer_blocks.", model.config.num_single_layers)):  # fmt: skip
+        for i in range(n_blocks):
+            mine = [(n, p.numel()) for n, p in frozen if n.startswith(f"{prefix}{i}.")]
+            q = float(sum(k for n, k in mine if n in quantizable))
+            per_block.append((float(sum(k for _, k in mine)) - q, q))
+    return float(max(activations, 0)), counts, largest, per_block

@@ -46,6 +46,20 @@ def recommendations(shape: ModelShape, setup: Setup, gpu_gib: float) -> list[tup
     if s.batch_size > 1:
         s = dataclasses.replace(s, batch_size=1)
         steps.append((f"training.batch_size: 1 with training.gradient_accumulation: {setup.batch_size}", s))
+    # Then the frozen base: int8 weights (torchao; fp8 on Ada/Hopper is the same size), then swapping blocks
+    # to host memory (costs time, not accuracy), the fewest that fit; the resolution last.
+    if s.quantize == "none":
+        s = dataclasses.replace(s, quantize="int8")
+        steps.append(("model.quantize: int8 (torchao; fp8 on compute capability >= 8.9 is the same size)", s))
+    total = int(shape.transformer.get("num_layers", 0)) + int(shape.transformer.get("num_single_layers", 0))
+    if s.quantize != "nf4" and s.blocks_to_swap < total - 2 and needed(estimate(shape, s)) > gpu_gib:
+        for n in [*range(8, total - 2, 8), total - 2]:
+            if n > s.blocks_to_swap:
+                swapped = dataclasses.replace(s, blocks_to_swap=n)
+                if needed(estimate(shape, swapped)) <= gpu_gib:
+                    break
+        s = swapped
+        steps.append((f"model.blocks_to_swap: {s.blocks_to_swap} (of {total}; host memory holds them)", s))
     for res in (768, 512):
         if s.resolution > res:
             s = dataclasses.replace(s, resolution=res)
@@ -89,8 +103,8 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
             frozen = est.parts[next(k for k in est.parts if k.startswith("frozen"))] / GiB
             lines.append(
                 f"  the frozen transformer alone is {frozen:.1f} GiB at {setup.dtype}: this version cannot fit it "
-                f"on {worst:.1f} GiB. A quantized base (nf4 about {est.params['frozen'] * 0.52 / GiB:.1f} GiB) "
-                "or sharding over several GPUs is needed; use a larger GPU until then"
+                f"on {worst:.1f} GiB even so. model.quantize: nf4 (about {est.params['frozen'] * 0.52 / GiB:.1f} "
+                "GiB, without block swapping) or sharding over several GPUs may; else use a larger GPU"
             )
     if enc > worst:
         lines.append(

@@ -191,3 +191,26 @@ def test_train_on_the_cpu_with_nf4_stops_in_one_line_before_the_cache_stage(
     assert rc == 2
     assert err.startswith("flux2-lora: error: model.quantize: nf4") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_memory_plan_counts_swapped_blocks_and_recommends_int8_then_swapping() -> None:
+    from flux2_lora.memory import GiB, Setup, estimate, model_shape
+    from flux2_lora.system import needed, recommendations
+
+    shape = model_shape("black-forest-labs/FLUX.2-dev")
+    base = Setup(resolution=512)
+    full, int8 = estimate(shape, base), estimate(shape, Setup(resolution=512, quantize="int8"))
+    swapped = estimate(shape, Setup(resolution=512, quantize="int8", blocks_to_swap=40))
+
+    def frozen(e: Any) -> float:
+        return next(v for k, v in e.parts.items() if k.startswith("frozen"))
+
+    # 56 blocks hold nearly all weights; 40 swapped leave 16 plus two in flight (single blocks ~ half a double).
+    assert 29 < frozen(full) / GiB - frozen(int8) / GiB < 30.5
+    assert 0.35 < frozen(swapped) / frozen(int8) < 0.5
+    assert "40 blocks swapped to host" in next(k for k in swapped.parts if k.startswith("frozen"))
+    recs = recommendations(shape, base, 23.6)
+    texts = [t for t, _ in recs]
+    assert any(t.startswith("model.quantize: int8") for t in texts)
+    swap = next(t for t in texts if t.startswith("model.blocks_to_swap"))
+    assert needed(recs[-1][1]) <= 23.6 and recs[-1][0] == swap  # the fewest swapped blocks that fit, in steps of 8
