@@ -28,6 +28,14 @@ S = Si + St, hidden D, MLP width F = 3D, a matmul of (m x k)(k x n) = 2mkn):
 Extrapolation: step time and peak memory are fitted as t0 + d*t_double + s*t_single over the depths run
 (least squares), and evaluated at 8 + 48 blocks for FLUX.2-dev on one GPU.
 
+Fitting FLUX.2-dev (`--fit`, on by default on a GPU): one model of `--fit-depth` blocks at full width is written
+as safetensors and loaded the way training loads it (`flux2_lora.model.load_transformer`: int8/fp8 quantized block
+by block on the device, nf4 through bitsandbytes while loading), for each `--quantize` base and each `--swap` block
+count, with checkpointing, at the first resolution: peak memory, step time, the estimator's figure, and the LoRA
+numerics check: `--fit-steps` training steps from the same LoRA init on the same inputs, the loss and the LoRA
+compared with the unquantized, unswapped run (a swapped run must match its unswapped one exactly). nf4 and fp8 need
+a GPU (fp8: compute capability >= 8.9); where one cannot run, its row says why.
+
 Memory estimator: for every configuration run, `flux2_lora.memory.estimate` (the planner behind
 `flux2-lora system optimize`) is printed beside the measured peak (`torch.cuda.max_memory_allocated`; on
 the CPU, the live tensor bytes that `memory.TensorMemory` counts during the real step).
@@ -199,6 +207,124 @@ def estimated(cfg: dict[str, Any], args: argparse.Namespace, res: int, ckpt: boo
     return estimate(shape, setup).total
 
 
+def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> list[dict[str, Any]]:
+    """Quantized bases and block swapping at FLUX.2-dev width: peak, step time, estimate, LoRA numerics."""
+    import tempfile
+
+    from flux2_lora.flow import flow_loss, latent_ids, text_ids
+    from flux2_lora.memory import ModelShape, Setup, TensorMemory, estimate
+    from flux2_lora.model import ModelSource, add_lora, enable_checkpointing, load_transformer
+    from flux2_lora.quant import QuantizationError
+    from flux2_lora.swap import attach_block_swap
+
+    double, single = (int(x) for x in args.fit_depth.split(","))
+    cfg = dev_config(args.toy, double, single)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    res, b = args.resolutions[0], args.batch
+    side = res // 16
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fit-"))
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            base = Flux2Transformer2DModel.from_config(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    base.save_pretrained(tmp / "transformer", safe_serialization=True)
+    del base
+    if cuda:
+        torch.cuda.empty_cache()
+    src = ModelSource(path=tmp, family="dev", text_layers=(10, 20, 30), pipeline_class="Flux2Pipeline")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    latents = torch.randn(b, cfg["in_channels"], side, side, generator=g).to(device)
+    embeds = (torch.randn(b, args.text_tokens, cfg["joint_attention_dim"], generator=g) * 0.1).to(device, dtype)
+    noises = [torch.randn(latents.shape, generator=g).to(device) for _ in range(args.fit_steps)]
+    sigmas = [torch.rand(b, generator=g).to(device) for _ in range(args.fit_steps)]
+    img_ids, txt_ids = latent_ids(b, side, side, device), text_ids(b, args.text_tokens, device)
+    guidance = torch.full((b,), 4.0, device=device)
+    print(f"\nfitting FLUX.2-dev: {double}+{single} blocks at full {'toy ' if args.toy else ''}width, {res}px, "
+          "checkpointing on; LoRA vs the unquantized unswapped run after "
+          f"{args.fit_steps} steps", flush=True)  # fmt: skip
+    print(f"{'base':>5s} {'swap':>4s} {'step ms':>9s} {'peak MiB':>9s} {'est MiB':>8s} {'max dloss':>10s} "
+          f"{'LoRA rel diff':>13s}")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    ref: dict[str, Any] = {}
+    unswapped: dict[str, dict[str, torch.Tensor]] = {}
+    for kind in args.quantize:
+        for swap in args.swap:
+            label = f"{kind:>5s} {swap:4d}"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                model = load_transformer(src, dtype, device, quantize=kind, keep_on_host=swap)
+                torch.manual_seed(1)
+                add_lora(model, args.rank, args.rank, 0.0, args.targets, "gaussian", False)
+                enable_checkpointing(model, 1)
+                swapper = attach_block_swap(model, swap, device) if swap else model.to(device)
+            except (QuantizationError, ValueError) as e:
+                print(f"{label}  skipped: {str(e).splitlines()[0]}", flush=True)
+                continue
+            del swapper
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            mem = TensorMemory()
+            if not cuda:
+                mem.track(list(model.parameters()), list(model.buffers()), latents, embeds, img_ids, txt_ids)
+            losses, times = [], []
+            for i in range(args.fit_steps):
+                t = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda), mem if not cuda else _null():
+                    loss = flow_loss(model, latents, embeds, sigmas[i], noises[i], img_ids, txt_ids, guidance)
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            lora = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            peak = torch.cuda.max_memory_allocated() if cuda else mem.peak
+            setup = Setup(resolution=res, batch_size=b, text_tokens=args.text_tokens, rank=args.rank,
+                          targets=args.targets, dtype="bf16" if cuda else "fp32", autocast=cuda,
+                          quantize=kind, blocks_to_swap=swap)  # fmt: skip
+            est = estimate(ModelShape("bench", "dev", cfg, 0.0, 0.0, "not used"), setup).total
+            if not ref:
+                ref = {"losses": losses, "lora": lora}
+            dloss = max(abs(x - y) for x, y in zip(losses, ref["losses"], strict=True))
+            num = sum(float((lora[k] - ref["lora"][k]).norm() ** 2) for k in lora) ** 0.5
+            den = sum(float(v.norm() ** 2) for v in ref["lora"].values()) ** 0.5
+            row = {"quantize": kind, "blocks_to_swap": swap, "step_s": statistics.median(times[1:] or times),
+                   "peak_bytes": peak, "estimated_bytes": est, "max_loss_diff": dloss, "lora_rel_diff": num / den,
+                   "losses": losses}  # fmt: skip
+            if swap == 0:
+                unswapped[kind] = lora
+            elif kind in unswapped:  # swapping must not change the numbers at all
+                row["equal_to_unswapped"] = all(torch.equal(lora[k], unswapped[kind][k]) for k in lora)
+            rows.append(row)
+            print(f"{label} {1000 * row['step_s']:9.1f} {peak / 2**20:9.0f} {est / 2**20:8.0f} {dloss:10.2e} "
+                  f"{row['lora_rel_diff']:13.2e}"
+                  + {True: "  = unswapped", False: "  DIFFERS from unswapped", None: ""}[row.get("equal_to_unswapped")],
+                  flush=True)  # fmt: skip
+            del model, opt, params, lora
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def fit(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Least-squares t = t0 + d*td + s*ts."""
     a = torch.tensor([[1.0, d, s] for d, s, _ in points], dtype=torch.float64)
@@ -221,6 +347,16 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true", help="toy width (hidden 64) on the CPU: checks the script itself")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 dense peak, if not detected")
     ap.add_argument("--json", type=str, default=None, help="write every figure here")
+    ap.add_argument(
+        "--fit",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="quantized base and block swap section (auto: on with a GPU, off with --toy)",
+    )
+    ap.add_argument("--fit-depth", default="2,4", help="double,single blocks of the fitting section's model")
+    ap.add_argument("--quantize", nargs="+", default=["none", "int8", "fp8", "nf4"])
+    ap.add_argument("--swap", type=int, nargs="+", default=[0, 3], help="blocks_to_swap values (0 first)")
+    ap.add_argument("--fit-steps", type=int, default=3, help="training steps of the LoRA numerics check")
     args = ap.parse_args()
 
     from flux2_lora.model import lora_target_modules
@@ -239,6 +375,12 @@ def main() -> None:
               f"{'MFU':>6s} {'HFU':>6s} {'peak MiB':>9s} {'est MiB':>8s} {'est/meas':>8s}")  # fmt: skip
     print(header)
     rows: list[dict[str, Any]] = []
+    if args.fit == "on" or (args.fit == "auto" and cuda):
+        fitting = fit_section(args, device, cuda)
+        if args.json:  # written now too, so a later out-of-memory in the sweep keeps these figures
+            Path(args.json).write_text(json.dumps({"device": name, "fit": fitting}, indent=1))
+    else:
+        fitting = []
     for double, single in depths:
         cfg = dev_config(args.toy, double, single)
         modules = lora_target_modules(args.targets, single)
@@ -289,7 +431,7 @@ def main() -> None:
                   f"peak {mem / GiB:7.2f} GiB (extrapolated), estimator {est / GiB:7.2f} GiB", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "rows": rows,
-                                               "full_model": predictions}, indent=1))  # fmt: skip
+                                               "full_model": predictions, "fit": fitting}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -214,3 +214,26 @@ def test_memory_plan_counts_swapped_blocks_and_recommends_int8_then_swapping() -
     assert any(t.startswith("model.quantize: int8") for t in texts)
     swap = next(t for t in texts if t.startswith("model.blocks_to_swap"))
     assert needed(recs[-1][1]) <= 23.6 and recs[-1][0] == swap  # the fewest swapped blocks that fit, in steps of 8
+
+
+@pytest.mark.slow
+def test_bench_gpu_fit_section_runs_at_toy_width_on_the_cpu(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchao")
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_gpu.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--toy", "--fit", "on", "--resolutions", "64", "--steps", "1", "--warmup", "1",
+         "--text-tokens", "16", "--depths", "1,2", "--checkpointing", "on", "--fit-depth", "1,2",
+         "--quantize", "none", "int8", "nf4", "--swap", "0", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["quantize"], r["blocks_to_swap"]): r for r in json.loads(out.read_text())["fit"]}
+    assert set(rows) == {("none", 0), ("none", 2), ("int8", 0), ("int8", 2)}  # nf4 needs a GPU: skipped
+    assert "nf4 (bitsandbytes 4-bit) needs a CUDA GPU" in res.stdout
+    assert rows["none", 2]["equal_to_unswapped"] and rows["int8", 2]["equal_to_unswapped"]
+    assert rows["none", 0]["lora_rel_diff"] == 0.0 and 0.0 < rows["int8", 0]["lora_rel_diff"] < 0.05
