@@ -100,6 +100,19 @@ def _expand_argv(argv: list[str]) -> list[str]:
     return front + out
 
 
+def read_yaml(path: Path, field: str) -> Any:
+    """A user's YAML file (manifest, search space, prompt suite); a missing or malformed one is a one-line
+    CliError naming `field`."""
+    import yaml
+
+    if not path.is_file():
+        raise CliError(f"{field}: {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CliError(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def train_parser() -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 

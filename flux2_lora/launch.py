@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .cli import CliError, _parse, command_parser, parse_train, presets
+from .cli import CliError, _parse, command_parser, parse_train, presets, read_yaml
 from .config import RecipeError
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "launch" / "slurm"
@@ -212,12 +212,7 @@ def manifest_parser() -> Any:
 def load_manifest(path: str | Path) -> Manifest:
     """Read and check a manifest; mistakes raise CliError('<field>: <reason>')."""
     path = Path(path)
-    if not path.is_file():
-        raise CliError(f"MANIFEST: no such file {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CliError(f"MANIFEST: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "MANIFEST")
     if not isinstance(raw, dict):
         raise CliError(f"MANIFEST: {path} must be a YAML mapping of manifest fields")
     _known_fields(raw, Manifest, "")

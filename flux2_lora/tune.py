@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .cli import CliError, _parse, command_parser, parse_train
+from .cli import CliError, _parse, command_parser, parse_train, read_yaml
 from .config import Recipe
 
 SPACE_TYPES = ("int", "float", "categorical")
@@ -139,13 +139,7 @@ def default_space_file() -> Path:
 def load_space(path: str | None) -> list[Param]:
     """The search space in a YAML file (default: recipes/tune/space.yaml)."""
     p = Path(path).expanduser() if path else default_space_file()
-    if not p.is_file():
-        raise CliError(f"--space: {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise CliError(f"--space: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_space(raw, f"--space {p}")
+    return parse_space(read_yaml(p, "--space"), f"--space {p}")
 
 
 def ray_space(params: list[Param]) -> dict[str, Any]:

@@ -69,15 +69,9 @@ def fill(category: str, template: str, concept: str, cls: str) -> SuitePrompt:
 
 def load_suite(path: str) -> list[tuple[str, str]]:
     """(category, template) pairs from a user YAML suite."""
-    import yaml
+    from ..cli import read_yaml
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise EvalError(f"--suite: {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise EvalError(f"--suite: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(Path(path).expanduser(), "--suite")
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise EvalError(f"--suite: {path} must hold a list of prompts (or `prompts:` with one)")
