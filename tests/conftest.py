@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     return subprocess.run(
         [sys.executable, "-m", "flux2_lora", *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide singletons, so the next in-process Trainer builds its own."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Use with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")` in files that train in-process."""
+    yield
+    reset_accelerate()

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flux2_lora.cli import main
-from tests.conftest import run_cli
+from tests.conftest import reset_accelerate, run_cli
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -96,7 +96,6 @@ def run(
     tmp_path_factory: pytest.TempPathFactory, tiny_dev: Path, sample_data: Path, clip_files: SimpleNamespace
 ) -> Iterator[Path]:
     """A 4-step tiny run, in-process, with CLIP score and overfitting on at every validation (0, 2, 4)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from flux2_lora.cli import parse_train
     from flux2_lora.train import train
@@ -112,9 +111,7 @@ def run(
     try:
         assert train(recipe) is not None
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate()
     yield out
 
 

@@ -13,6 +13,7 @@ from flux2_lora.config import Recipe, RecipeError, validate
 from flux2_lora.model import ModelError, add_lora, enable_checkpointing
 from flux2_lora.quant import QuantizationError, check_quantize, quantize_blocks, quantized_count
 from flux2_lora.swap import attach_block_swap
+from tests.conftest import reset_accelerate
 
 
 def _model(tiny_dev: Path) -> Any:
@@ -177,16 +178,13 @@ def test_swap_needs_a_block_count_within_the_model(tiny_dev: Path) -> None:
 def test_train_on_the_cpu_with_nf4_stops_in_one_line_before_the_cache_stage(
     tiny_dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from flux2_lora.cli import main
 
     try:
         rc = main(["train", "--preset", "tiny", "--output", str(tmp_path / "run"), "--model.quantize", "nf4"])
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate()
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("flux2-lora: error: model.quantize: nf4") and "\n" not in err and "Traceback" not in err
