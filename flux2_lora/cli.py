@@ -47,6 +47,9 @@ commands:
   data make-sample   write the built-in sample dataset (coloured shapes with captions)
   model make-tiny    write a tiny random FLUX.2 pipeline (diffusers layout) for tests and trials
   tune               search LoRA hyperparameters: Ray Tune trials in parallel, Optuna proposes, ASHA prunes
+  system info        versions (torch, CUDA, libraries), optional libraries and what they enable, GPUs, CPU, RAM
+  system gpu         live memory per GPU (--watch SECONDS refreshes until Ctrl-C)
+  system presets     the presets with their key values (model, resolution, rank, lr, steps, ...)
   system optimize    GPU memory a recipe needs, part by part, and what to change so it fits
   launch MANIFEST    run a recipe as a manifest says: accelerate launch here, an sbatch job or a Ray job (--dry-run)
   export             write a LoRA as diffusers, comfyui or kohya (--format), or fuse it into its base model (--merge)

@@ -1,13 +1,17 @@
-"""`flux2-lora system optimize`: what a recipe needs in GPU memory, part by part, and what to change so it fits.
+"""`flux2-lora system`: what this machine has and what a recipe needs.
 
+    flux2-lora system info [--json]            versions, optional libraries, CUDA, GPUs, CPU and RAM
+    flux2-lora system gpu [--watch S] [--json] live memory (and utilisation) per GPU
+    flux2-lora system presets [--json]         the presets with their key values
     flux2-lora system optimize --preset character --model black-forest-labs/FLUX.2-dev [--gpu-memory 24]
 
-The numbers come from `memory.estimate` (the real model config on the meta device, one simulated step).
+The optimize numbers come from `memory.estimate` (the real model config on the meta device, one simulated step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from .memory import Estimate, GiB, ModelShape, Setup, estimate, model_shape
@@ -120,8 +124,14 @@ def cmd_system(argv: list[str]) -> int:
     from .cli import CliError, parse_train
 
     sub, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if sub in SUBCOMMANDS:
+        return SUBCOMMANDS[sub](rest)
+    if sub in ("-h", "--help"):
+        print(SYSTEM_USAGE)
+        return 0
     if sub != "optimize":
-        raise CliError("system: expected `system optimize --preset P|--config C [--gpu-memory GiB] [recipe flags]`")
+        what = f"unknown subcommand {sub!r}" if sub else "missing subcommand"
+        raise CliError(f"system: {what}; expected one of info, gpu, presets, optimize (`flux2-lora system --help`)")
     gpu, recipe_args, i = None, [], 0
     while i < len(rest):
         key, eq, val = rest[i].partition("=")
@@ -140,3 +150,368 @@ def cmd_system(argv: list[str]) -> int:
     recipe, _ = parse_train(recipe_args, need_data=False)
     print(report(recipe, gpu if gpu is not None else gpu_memory_gib()))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# system info, system gpu, system presets
+# ---------------------------------------------------------------------------------------------
+
+SYSTEM_USAGE = """usage: flux2-lora system SUBCOMMAND [ARGS]
+
+  info [--json]                     versions (flux2-lora, Python, torch with its CUDA/cuDNN, libraries), optional
+                                    libraries and what each enables, CUDA, GPUs (memory, compute capability,
+                                    bf16/fp8), CPU cores and RAM
+  gpu [--watch SECONDS] [--json]    live memory per GPU (used/free/total, nvidia-smi utilisation); --watch refreshes
+                                    until Ctrl-C. Without a CUDA GPU: one line saying so, exit 0
+  presets [--json]                  the presets (--preset NAME) with their key values
+  optimize --preset P|--config C [--gpu-memory GiB] [recipe flags]
+                                    GPU memory the recipe needs, part by part, and what to change so it fits"""
+
+CORE_LIBRARIES = ["diffusers", "transformers", "accelerate", "peft", "safetensors", "jsonargparse"]
+# (name shown, distribution whose metadata holds the version, pip extra, what it enables). Versions are read from
+# the installed metadata: nothing here is imported (deepspeed or ray would take seconds and print warnings).
+OPTIONAL_LIBRARIES = [
+    ("bitsandbytes", "bitsandbytes", "bitsandbytes", "training.optimizer: adamw8bit; model.quantize: nf4 (GPU)"),
+    ("torchao", "torchao", "quant", "model.quantize: int8 (CPU or GPU) and fp8 (GPU, compute capability >= 8.9)"),
+    ("deepspeed", "deepspeed", "deepspeed", "distributed.strategy: zero2 | zero3"),
+    ("webdataset", "webdataset", "", "shards and the latent cache: data shard, data cache, training"),
+    ("ray", "ray", "tune", "flux2-lora tune (trials in parallel) and launch backend: ray"),
+    ("optuna", "optuna", "tune", "flux2-lora tune (the search algorithm)"),
+    ("open_clip", "open_clip_torch", "eval", "eval assess-quality/test-prompts, validation.clip_score/overfit_check"),
+    ("gradio", "gradio", "ui", "flux2-lora ui"),
+    ("wandb", "wandb", "wandb", "logging.wandb: true"),
+]
+
+
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution from its metadata (nothing imported), None when absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cudnn_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.backends.cudnn.version()
+    except Exception:  # a CUDA build whose cuDNN library cannot be loaded here
+        return None
+    if not v:
+        return None
+    # cuDNN >= 9 encodes major*10000 + minor*100 + patch; cuDNN 8 major*1000 + minor*100 + patch.
+    return f"{v // 10000}.{v % 10000 // 100}.{v % 100}" if v >= 10000 else f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+
+
+def gpu_properties() -> list[dict[str, Any]]:
+    """Each visible CUDA GPU: name, total memory, compute capability, and whether bf16 and fp8 run natively
+    (bf16: compute capability >= 8.0, Ampere on; fp8: >= 8.9, Ada and Hopper on, as model.quantize: fp8 needs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        cap = (int(p.major), int(p.minor))
+        out.append({
+            "index": i, "name": p.name, "total_memory_bytes": int(p.total_memory),
+            "total_memory_gib": round(p.total_memory / GiB, 2), "compute_capability": f"{cap[0]}.{cap[1]}",
+            "bf16": cap >= (8, 0), "fp8": cap >= (8, 9),
+        })  # fmt: skip
+    return out
+
+
+def memory_info() -> dict[str, Any]:
+    """Total and available RAM in bytes: psutil when installed, else /proc/meminfo (Linux), else unknown."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"total_bytes": int(vm.total), "available_bytes": int(vm.available), "source": "psutil"}
+    except ImportError:
+        pass
+    try:
+        fields = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0]) * 1024  # kB
+        return {"total_bytes": fields.get("MemTotal"), "available_bytes": fields.get("MemAvailable"),
+                "source": "/proc/meminfo"}  # fmt: skip
+    except OSError:
+        return {"total_bytes": None, "available_bytes": None, "source": "unknown"}
+
+
+def system_info() -> dict[str, Any]:
+    """Everything `system info` prints, as one JSON-ready dict (a library that is not installed has version None)."""
+    import os
+    import platform
+    import sys
+
+    import torch
+
+    from . import __version__
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "flux2_lora": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "executable": sys.executable,
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": _cudnn_version()},
+        "libraries": {name: package_version(name) for name in CORE_LIBRARIES},
+        "optional": {
+            name: {"version": package_version(dist), "extra": extra, "enables": enables}
+            for name, dist, extra, enables in OPTIONAL_LIBRARIES
+        },
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": gpu_properties(),
+        "cpu": {"cores": os.cpu_count(), "usable_cores": usable},
+        "ram": memory_info(),
+    }
+
+
+def _gib(n: float | None) -> str:
+    return "unknown" if n is None else f"{n / GiB:.1f} GiB"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    t = info["torch"]
+    build = f"CUDA {t['cuda']}, cuDNN {t['cudnn'] or 'none'}" if t["cuda"] else "CPU build, no CUDA"
+    lines = [
+        f"flux2-lora    {info['flux2_lora']}",
+        f"python        {info['python']} ({info['platform']})",
+        f"torch         {t['version']} (built with {build})",
+    ]
+    lines += [f"{k:13s} {v or 'not installed'}" for k, v in info["libraries"].items()]
+    lines += ["", "optional libraries:"]
+    for name, o in info["optional"].items():
+        hint = "" if o["version"] or not o["extra"] else f"  (pip install 'flux2-lora[{o['extra']}]')"
+        lines.append(f"  {name:13s} {o['version'] or 'not installed':14s} {o['enables']}{hint}")
+    lines.append("")
+    if not info["cuda_available"]:
+        why = "" if t["cuda"] else " (this torch is a CPU build)"
+        lines.append(f"CUDA          not available: no CUDA GPU is visible{why}")
+    else:
+        lines.append(f"CUDA          available, {len(info['gpus'])} GPU(s)")
+    for g in info["gpus"]:
+        lines.append(
+            f"  GPU {g['index']}: {g['name']}, {g['total_memory_gib']:.1f} GiB, compute capability "
+            f"{g['compute_capability']}, bf16 {'yes' if g['bf16'] else 'no'}, fp8 {'yes' if g['fp8'] else 'no'}"
+        )
+    cpu, ram = info["cpu"], info["ram"]
+    lines.append(f"CPU           {cpu['cores']} cores ({cpu['usable_cores']} usable by this process)")
+    lines.append(f"RAM           {_gib(ram['total_bytes'])} total, {_gib(ram['available_bytes'])} available")
+    return "\n".join(lines)
+
+
+def _nvidia_smi() -> dict[str, dict[str, float | None]]:
+    """nvidia-smi's utilisation, temperature and power per GPU UUID; empty when nvidia-smi is absent or fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {}
+    query = "uuid,utilization.gpu,utilization.memory,temperature.gpu,power.draw"
+    try:
+        res = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if res.returncode != 0:
+        return {}
+
+    def num(s: str) -> float | None:
+        try:
+            return float(s)
+        except ValueError:  # "[N/A]", "[Not Supported]"
+            return None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for line in res.stdout.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) == 5:
+            out[_uuid(cells[0])] = {"utilization_percent": num(cells[1]), "memory_utilization_percent": num(cells[2]),
+                                    "temperature_c": num(cells[3]), "power_w": num(cells[4])}  # fmt: skip
+    return out
+
+
+def _uuid(u: object) -> str:
+    s = str(u).lower()
+    return s[4:] if s.startswith("gpu-") else s
+
+
+def gpu_snapshot() -> list[dict[str, Any]]:
+    """Live memory per visible GPU (torch.cuda.mem_get_info: used by every process on it, free, total), with
+    nvidia-smi's utilisation where available (matched by GPU UUID, so CUDA_VISIBLE_DEVICES order does not matter).
+    mem_get_info creates this process's CUDA context on each GPU (a few hundred MiB, counted in `used`)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    smi = _nvidia_smi()
+    rows = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        props = torch.cuda.get_device_properties(i)
+        row: dict[str, Any] = {"index": i, "name": props.name, "used_bytes": int(total - free),
+                               "free_bytes": int(free), "total_bytes": int(total)}  # fmt: skip
+        extra = smi.get(_uuid(getattr(props, "uuid", "")), {})
+        row.update({k: extra.get(k) for k in ("utilization_percent", "memory_utilization_percent",
+                                              "temperature_c", "power_w")})  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def format_gpus(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        used, total = r["used_bytes"], r["total_bytes"]
+        text = (f"GPU {r['index']} {r['name']}: {used / GiB:6.1f} GiB used, {r['free_bytes'] / GiB:6.1f} GiB free "
+                f"of {total / GiB:.1f} GiB ({100 * used / total:3.0f}%)")  # fmt: skip
+        if r.get("utilization_percent") is not None:
+            text += f", utilisation {r['utilization_percent']:.0f}%"
+        if r.get("temperature_c") is not None:
+            text += f", {r['temperature_c']:.0f} C"
+        if r.get("power_w") is not None:
+            text += f", {r['power_w']:.0f} W"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def no_gpu_line() -> str:
+    import os
+
+    import torch
+
+    why = "this torch is a CPU build" if torch.version.cuda is None else "torch.cuda.is_available() is False"
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        why += f", CUDA_VISIBLE_DEVICES={vis!r}"
+    return f"no CUDA GPU is visible ({why}); `flux2-lora system info` shows the CPU and RAM"
+
+
+def preset_rows() -> list[dict[str, Any]]:
+    """The presets `--preset NAME` resolves to (every recipes/*.yaml, or $FLUX2_LORA_RECIPES/*.yaml), each read as
+    training reads it (base defaults, then the file), with its key values; a file that does not parse has `error`."""
+    from .cli import CliError, parse_train, presets, recipes_dir
+    from .config import RecipeError
+
+    rows: list[dict[str, Any]] = []
+    for name in presets():
+        path = recipes_dir() / f"{name}.yaml"
+        try:
+            r, _ = parse_train(["--preset", name], need_data=False)
+        except (CliError, RecipeError) as e:
+            rows.append({"preset": name, "file": str(path), "error": str(e)})
+            continue
+        m, t = r.model, r.training
+        rows.append({
+            "preset": name, "file": str(path), "model": m.name_or_path, "dtype": m.dtype,
+            "resolution": r.data.resolution, "rank": r.lora.rank, "alpha": r.lora.alpha or r.lora.rank,
+            "targets": r.lora.targets, "lr": t.lr, "batch_size": t.batch_size,
+            "gradient_accumulation": t.gradient_accumulation, "max_steps": t.max_steps, "optimizer": t.optimizer,
+            "mixed_precision": t.mixed_precision, "gradient_checkpointing": m.gradient_checkpointing,
+            "gradient_checkpointing_every": m.gradient_checkpointing_every, "quantize": m.quantize,
+        })  # fmt: skip
+    return rows
+
+
+def format_presets(rows: list[dict[str, Any]]) -> str:
+    from .cli import recipes_dir
+
+    if not rows:
+        return f"no presets in {recipes_dir()} (set FLUX2_LORA_RECIPES to a folder of recipe .yaml files)"
+    head = ["preset", "model", "dtype", "res", "rank/alpha", "targets", "lr", "batch x accum", "steps", "optimizer",
+            "mixed prec.", "checkpointing", "quantize"]  # fmt: skip
+    table, errors = [head], []
+    for r in rows:
+        if "error" in r:
+            errors.append(f"{r['preset']}: {r['error']}")
+            continue
+        every = r["gradient_checkpointing_every"]
+        ckpt = ("every block" if every == 1 else f"every {every}") if r["gradient_checkpointing"] else "off"
+        table.append([
+            r["preset"], r["model"], r["dtype"], str(r["resolution"]), f"{r['rank']}/{r['alpha']:g}", r["targets"],
+            f"{r['lr']:g}", f"{r['batch_size']} x {r['gradient_accumulation']}", str(r["max_steps"]), r["optimizer"],
+            r["mixed_precision"], ckpt, r["quantize"],
+        ])  # fmt: skip
+    widths = [max(len(row[c]) for row in table) for c in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines.append("")
+    lines.append(f"from {recipes_dir()}; use one with `flux2-lora train --preset NAME` (later flags override it).")
+    lines.append("mixed precision `auto`: model.dtype on a GPU, none on the CPU.")
+    lines += [f"unreadable preset {e}" for e in errors]
+    return "\n".join(lines)
+
+
+def _parser(name: str, description: str, watch: bool = False) -> Any:
+    from .cli import command_parser
+
+    p = command_parser(f"system {name}", description)
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
+    if watch:
+        p.add_argument("--watch", type=float | None, default=None, help="Refresh every SECONDS until Ctrl-C.")
+    return p
+
+
+def cmd_info(argv: list[str]) -> int:
+    import json
+
+    from .cli import _parse
+
+    a = _parse(_parser("info", "Versions, optional libraries, CUDA, GPUs, CPU and RAM."), argv)
+    info = system_info()
+    print(json.dumps(info, indent=2) if a.json else format_info(info))
+    return 0
+
+
+def cmd_gpu(argv: list[str]) -> int:
+    """Live GPU memory. No visible CUDA GPU is information, not an error: one line (or JSON with an empty list), 0."""
+    import json
+    import sys
+    import time
+
+    from .cli import CliError, _parse
+
+    a = _parse(_parser("gpu", "Live memory (and utilisation) per GPU.", watch=True), argv)
+    if a.watch is not None and not a.watch > 0:
+        raise CliError(f"--watch: must be a number of seconds > 0 (got {a.watch})")
+    try:
+        while True:
+            rows = gpu_snapshot()
+            if a.json:
+                print(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cuda_available": bool(rows),
+                                  "gpus": rows}), flush=True)  # fmt: skip
+            elif not rows:
+                print(no_gpu_line(), flush=True)
+            else:
+                if a.watch is not None and sys.stdout.isatty():
+                    print("\033[H\033[J", end="")  # clear the screen between refreshes
+                stamp = f"{time.strftime('%H:%M:%S')}  (every {a.watch:g} s, Ctrl-C to stop)\n" if a.watch else ""
+                print(stamp + format_gpus(rows), flush=True)
+            if a.watch is None or not rows:
+                return 0
+            time.sleep(a.watch)
+    except KeyboardInterrupt:  # the way to end --watch: quiet, exit 0
+        return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    import json
+
+    from .cli import _parse
+
+    a = _parse(_parser("presets", "The presets with their key values."), argv)
+    rows = preset_rows()
+    print(json.dumps(rows, indent=2) if a.json else format_presets(rows))
+    return 0
+
+
+SUBCOMMANDS = {"info": cmd_info, "gpu": cmd_gpu, "presets": cmd_presets}
