@@ -314,6 +314,7 @@ def _data_cache(argv: list[str]) -> int:
     index = build_cache(
         Path(out), settings_for(src, recipe), source, device, encoder_dtype(recipe.model.dtype, device),
         shard_size=shard_size, force_cpu_loading=recipe.model.force_cpu_loading,
+        text_encoder_device=recipe.model.text_encoder_device,
     )  # fmt: skip
     print(
         f"cache {index.root}: {index.num_train} training samples in {len(index.train)} shards, {len(index.val)} val shard(s)"

@@ -55,6 +55,16 @@ class ModelArgs:
     blocks_to_swap: int = 0
     """Keep this many transformer blocks' frozen weights in (pinned) host memory and copy each to the GPU just before
     it runs, forward and backward recompute (needs gradient checkpointing on every block). 0: all on the device."""
+    text_encoder_device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where the cache stage runs the text encoder. `auto`: the GPU when its weights (at `dtype`, or quantized by
+    text_encoder_quantize) plus a margin for activations fit in the GPU's free memory, computed from the safetensors
+    headers before loading; else the CPU, with a warning saying why (without a GPU: the CPU). `gpu`: the training GPU
+    (an error without one); `cpu`: the CPU (slow; at `dtype`, so FLUX.2-dev's 24 B encoder takes ~48 GB of RAM in bf16,
+    ~25 GB with text_encoder_quantize: int8). Where it runs does not change the cache key."""
+    text_encoder_quantize: Literal["none", "int8", "nf4"] = "none"
+    """Quantize the text encoder's linear layers while it loads for the cache stage: `int8` (torchao weight-only, CPU or
+    GPU, ~1 byte per weight) or `nf4` (bitsandbytes 4-bit, GPU only, ~0.5 byte). The prompt embeddings change slightly,
+    so this is part of the cache settings: a cache made with another value is refused, not reused."""
     force_cpu_loading: bool = False
     """Load every component on the CPU first, then move only what a stage needs to the device."""
     revision: str | None = None
@@ -303,6 +313,11 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         _require(
             m.quantize != "nf4", "model.blocks_to_swap", "cannot be combined with model.quantize: nf4 (use int8 or fp8)"
         )
+    _require(
+        not (m.text_encoder_quantize == "nf4" and m.text_encoder_device == "cpu"),
+        "model.text_encoder_quantize",
+        "nf4 (bitsandbytes) needs the text encoder on a GPU; with model.text_encoder_device: cpu use int8 or none",
+    )
     if m.text_encoder_layers is not None:
         _require(len(m.text_encoder_layers) > 0, "model.text_encoder_layers", "must list at least one layer")
     _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")

@@ -58,20 +58,27 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
         "transformer": {**_COMMON, "num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48,
                         "joint_attention_dim": 15360},
         "text_encoder_params": 24.0e9,  # Mistral Small 3.1 (24 B), published size
+        "text_encoder_config": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 32768,
+                                "vocab_size": 131072},
     },
     "black-forest-labs/FLUX.2-klein-4B": {
         "family": "klein",
         "transformer": {**_COMMON, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
                         "joint_attention_dim": 7680, "guidance_embeds": False},
         "text_encoder_params": 4.02e9,  # Qwen3-4B, published size
+        "text_encoder_config": {"hidden_size": 2560, "num_hidden_layers": 36, "intermediate_size": 9728,
+                                "vocab_size": 151936},
     },
     "black-forest-labs/FLUX.2-klein-9B": {
         "family": "klein",
         "transformer": {**_COMMON, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
                         "joint_attention_dim": 12288, "guidance_embeds": False},
         "text_encoder_params": 8.19e9,  # Qwen3-8B, published size
+        "text_encoder_config": {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,
+                                "vocab_size": 151936},
     },
 }  # fmt: skip
+TEXT_BATCH = 8  # prompts per text-encoder call in the cache stage (data.cache)
 VAE_PARAMS = 84e6  # AutoencoderKLFlux2 at its published size, when no local copy is there to count
 
 # Bytes per weight of a quantized frozen linear layer (scales included).
@@ -154,6 +161,7 @@ class ModelShape:
     text_encoder_params: float
     vae_params: float
     counted: str  # how the text encoder and VAE sizes were obtained
+    text_encoder_config: dict[str, Any] = field(default_factory=dict)  # its config.json (sizes of the activations)
 
 
 def model_shape(name_or_path: str) -> ModelShape:
@@ -164,8 +172,9 @@ def model_shape(name_or_path: str) -> ModelShape:
     if name_or_path in KNOWN_MODELS:
         m = KNOWN_MODELS[name_or_path]
         return ModelShape(
-            name_or_path, m["family"], dict(m["transformer"]), m["text_encoder_params"], VAE_PARAMS, "published sizes"
-        )
+            name_or_path, m["family"], dict(m["transformer"]), m["text_encoder_params"], VAE_PARAMS, "published sizes",
+            dict(m["text_encoder_config"]),
+        )  # fmt: skip
     try:
         src = resolve_model(ModelArgs(name_or_path=name_or_path))
     except ModelError as e:
@@ -179,6 +188,7 @@ def model_shape(name_or_path: str) -> ModelShape:
         _count_on_meta(src.path / "text_encoder", "text_encoder"),
         _count_on_meta(src.path / "vae", "vae"),
         "counted from the local configs",
+        json.loads((src.path / "text_encoder" / "config.json").read_text()),
     )
 
 
@@ -214,6 +224,7 @@ class Setup:
     optimizer: str = "adamw"
     quantize: str = "none"
     blocks_to_swap: int = 0
+    text_encoder_quantize: str = "none"  # cache stage only
 
     @classmethod
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
@@ -231,6 +242,7 @@ class Setup:
             optimizer=t.optimizer,
             quantize=getattr(m, "quantize", "none"),
             blocks_to_swap=getattr(m, "blocks_to_swap", 0),
+            text_encoder_quantize=getattr(m, "text_encoder_quantize", "none"),
         )
 
 
@@ -308,7 +320,7 @@ _SIMULATED: dict[str, tuple[float, dict[str, float], int, list[tuple[float, floa
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """The memory plan for training `shape` with `setup` on one process (see the module docstring)."""
     # The simulation depends on neither the optimizer nor the quantization; plans that vary only those reuse it.
-    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0}
+    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0, "text_encoder_quantize": ""}
     key = json.dumps([shape.transformer, dataclasses.asdict(setup) | unused], default=str)
     if key not in _SIMULATED:
         _SIMULATED[key] = _simulate(shape, setup)
@@ -340,9 +352,15 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     if setup.quantize != "none":
         est.parts["dequantized weight of the largest layer"] = largest * dtype_bytes
     est.reserve = 0.5 * GiB + 0.05 * est.total
-    est.cache_stage[f"text encoder ({shape.text_encoder_params / 1e9:.2f} B params, {setup.dtype})"] = (
-        shape.text_encoder_params * dtype_bytes
+    te_q = setup.text_encoder_quantize
+    te_label = f"{te_q} linears" if te_q != "none" else setup.dtype  # embeddings and head counted as linears too
+    est.cache_stage[f"text encoder ({shape.text_encoder_params / 1e9:.2f} B params, {te_label})"] = (
+        shape.text_encoder_params * QUANT_BYTES.get(te_q, dtype_bytes)
     )
+    if shape.text_encoder_config:
+        est.cache_stage[f"text encoder activations ({TEXT_BATCH} prompts x {setup.text_tokens} tokens)"] = (
+            text_encoder_activation_bytes(shape.text_encoder_config, TEXT_BATCH, setup.text_tokens, dtype_bytes)
+        )
     est.cache_stage[f"VAE ({shape.vae_params / 1e6:.0f} M params, {setup.dtype})"] = shape.vae_params * dtype_bytes
     est.params = {"frozen": n_frozen, "lora": n_lora, "quantized": n_quant}
     return est
@@ -384,3 +402,46 @@ def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float],
             q = float(sum(k for n, k in mine if n in quantizable))
             per_block.append((float(sum(k for _, k in mine)) - q, q))
     return float(max(activations, 0)), counts, largest, per_block
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache stage's text encoder: its size on the device, read from the files before loading
+# ---------------------------------------------------------------------------------------------
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the .safetensors files of `folder`, from their JSON headers only (no weights read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def text_encoder_bytes(folder: Path, dtype_bytes: int, quantize: str, batch: int, tokens: int) -> tuple[float, float]:
+    """(weights, activations) in bytes of the text encoder in `folder` encoding `batch` prompts of `tokens` tokens.
+
+    Weights: counted from the safetensors headers; with `quantize` the 2-D `.weight` tensors other than embeddings
+    and the output head (the linear layers) count at the quantized size. Activations: every layer's hidden state
+    (text_encoder_activation_bytes), from config.json."""
+    q = QUANT_BYTES.get(quantize) if quantize != "none" else None
+    weights = 0.0
+    for name, shape in safetensors_shapes(folder).items():
+        numel = 1
+        for k in shape:
+            numel *= k
+        linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name
+        weights += numel * (q if q is not None and linear else dtype_bytes)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    return weights, text_encoder_activation_bytes(config, batch, tokens, dtype_bytes)
+
+
+def text_encoder_activation_bytes(config: dict[str, Any], batch: int, tokens: int, dtype_bytes: int) -> float:
+    """Activations of one text-encoder call: every layer's hidden state (the embedding keeps them all), one MLP's
+    intermediates, and the output head's logits (fp32), from the encoder's config (its text part for Mistral-3)."""
+    text = config.get("text_config", config)
+    hidden, layers = int(text.get("hidden_size", 0)), int(text.get("num_hidden_layers", 0))
+    inner, vocab = int(text.get("intermediate_size", 0)), int(text.get("vocab_size", 0))
+    return float(batch * tokens * ((hidden * (layers + 1) + 3 * inner) * dtype_bytes + vocab * 4))

@@ -160,23 +160,32 @@ def _device_map(device: torch.device | str | None) -> dict[str, torch.device] | 
 
 
 def load_text_encoder(
-    src: ModelSource, dtype: torch.dtype, device: torch.device | str | None = None
+    src: ModelSource, dtype: torch.dtype, device: torch.device | str | None = None, quantize: str = "none"
 ) -> tuple[Any, Any]:
-    """Text encoder (on `device`, or the CPU when None) and its tokenizer/processor."""
+    """Text encoder (on `device`, or the CPU when None) and its tokenizer/processor.
+
+    `quantize` (int8, nf4) quantizes its linear layers weight by weight while loading (quant.text_encoder_quant_config);
+    nf4 needs `device` to be a CUDA GPU, and the loaded model cannot be moved afterwards."""
     from transformers import AutoTokenizer
 
+    kwargs: dict[str, Any] = {}
+    if quantize != "none":
+        from .quant import check_quantize, text_encoder_quant_config
+
+        check_quantize(quantize, torch.device(device if device is not None else "cpu"), "model.text_encoder_quantize")
+        kwargs["quantization_config"] = text_encoder_quant_config(quantize, dtype)
     text_encoder: Any
     if src.family == "klein":
         from transformers import Qwen3ForCausalLM
 
         text_encoder = Qwen3ForCausalLM.from_pretrained(
-            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device)
+            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device), **kwargs
         )
     else:
         from transformers import Mistral3ForConditionalGeneration
 
         text_encoder = Mistral3ForConditionalGeneration.from_pretrained(
-            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device)
+            safetensors_only(src.path / "text_encoder"), torch_dtype=dtype, device_map=_device_map(device), **kwargs
         )
     tokenizer = _load_tokenizer(src)
     text_encoder.requires_grad_(False).eval()

@@ -10,6 +10,10 @@ torchao paths (int8, fp8) quantize while loading, one block at a time: the model
 each block is moved to the device and quantized there, so the device never holds more than one block at the model
 dtype. nf4 goes through diffusers' `BitsAndBytesConfig`, which quantizes each weight as it is loaded onto the GPU.
 Only int8 runs on the CPU; nf4 and fp8 are written for GPUs and have not run on one in this repository yet.
+
+The cache stage's text encoder (`model.text_encoder_quantize`) is quantized by transformers while it loads
+(`text_encoder_quant_config`): every linear layer but the output head, int8 through torchao (CPU or GPU) or nf4
+through bitsandbytes (GPU), each weight quantized as it is read, so no full-precision copy is ever on the device.
 """
 
 from __future__ import annotations
@@ -27,41 +31,44 @@ from .model import ModelError
 log = logging.getLogger(__name__)
 
 KINDS = ("none", "nf4", "int8", "fp8")
+TEXT_ENCODER_KINDS = ("none", "int8", "nf4")
 
 
 class QuantizationError(ModelError):
     """A quantization that cannot run here; the message is one line with what to do instead."""
 
 
-def check_quantize(kind: str, device: torch.device) -> None:
-    """Raise QuantizationError (one line) when `kind` cannot run on `device` or its library is missing."""
+def check_quantize(kind: str, device: torch.device, field: str = "model.quantize") -> None:
+    """Raise QuantizationError (one line) when `kind` cannot run on `device` or its library is missing.
+
+    `field` names the recipe field in the message (model.quantize or model.text_encoder_quantize)."""
     if kind == "none":
         return
-    if kind not in KINDS:
-        raise QuantizationError(f"model.quantize: unknown value {kind!r} (none, nf4, int8 or fp8)")
+    kinds = TEXT_ENCODER_KINDS if field == "model.text_encoder_quantize" else KINDS
+    if kind not in kinds:
+        raise QuantizationError(f"{field}: unknown value {kind!r} ({', '.join(kinds[:-1])} or {kinds[-1]})")
     on_gpu = device.type == "cuda"
     if kind == "nf4":
         if not on_gpu:
             raise QuantizationError(
-                "model.quantize: nf4 (bitsandbytes 4-bit) needs a CUDA GPU; on the CPU use model.quantize: int8 "
-                "(torchao) or none"
+                f"{field}: nf4 (bitsandbytes 4-bit) needs a CUDA GPU; on the CPU use {field}: int8 (torchao) or none"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise QuantizationError("model.quantize: nf4 needs bitsandbytes: pip install 'flux2-lora[bitsandbytes]'")
+            raise QuantizationError(f"{field}: nf4 needs bitsandbytes: pip install 'flux2-lora[bitsandbytes]'")
         return
     if importlib.util.find_spec("torchao") is None:
-        raise QuantizationError(f"model.quantize: {kind} needs torchao: pip install 'flux2-lora[quant]'")
+        raise QuantizationError(f"{field}: {kind} needs torchao: pip install 'flux2-lora[quant]'")
     if kind == "fp8":
         if not on_gpu:
             raise QuantizationError(
-                "model.quantize: fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper); on the CPU "
-                "use model.quantize: int8"
+                f"{field}: fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper); on the CPU "
+                f"use {field}: int8"
             )
         cap = torch.cuda.get_device_capability(device)
         if cap < (8, 9):
             raise QuantizationError(
-                f"model.quantize: fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}; "
-                "use model.quantize: int8 or nf4"
+                f"{field}: fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}; "
+                f"use {field}: int8 or nf4"
             )
 
 
@@ -144,3 +151,27 @@ def quantized_count(transformer: Any) -> int:
         if cls.startswith("torchao") or cls.startswith("bitsandbytes"):
             n += 1
     return n
+
+
+def text_encoder_quant_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    """transformers' quantization config for the text encoder, applied weight by weight while it loads; None for none.
+
+    Every linear layer is quantized except what transformers keeps by default (the output head, which the prompt
+    embeddings never use); embeddings and norms are not linear layers and stay at the load dtype."""
+    if kind == "none":
+        return None
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if kind == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    raise QuantizationError(f"model.text_encoder_quantize: unknown value {kind!r} (none, int8 or nf4)")

@@ -162,7 +162,10 @@ class Trainer:
             self.index = self._prepare_cache()
             text_dtype = encoder_dtype(r.model.dtype, self.device)
             if self.is_main:
-                prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading)
+                prompt_embeddings(
+                    self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading,
+                    r.model.text_encoder_device,
+                )  # fmt: skip
             acc.wait_for_everyone()
             self.sample_embeds = prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype)
             self.empty_embeds = self.index.extra()["empty"]
@@ -289,8 +292,9 @@ class Trainer:
         if self.is_main:
             text_dtype = encoder_dtype(r.model.dtype, self.device)
             build_cache(
-                cache_dir, settings, source, self.device, text_dtype, force_cpu_loading=r.model.force_cpu_loading
-            )
+                cache_dir, settings, source, self.device, text_dtype, force_cpu_loading=r.model.force_cpu_loading,
+                text_encoder_device=r.model.text_encoder_device,
+            )  # fmt: skip
         acc.wait_for_everyone()
         return read_index(cache_dir)
 

@@ -384,6 +384,7 @@ def prepare_base(recipe: Recipe, sweep: Sweep, out: Path) -> Path:
         index = build_cache(
             out / "cache" / settings.digest(source_id), settings, source, device,
             encoder_dtype(recipe.model.dtype, device), force_cpu_loading=recipe.model.force_cpu_loading,
+            text_encoder_device=recipe.model.text_encoder_device,
         )  # fmt: skip
     if not index.val:
         raise CliError(

@@ -8,16 +8,22 @@ Output is a folder of webdataset shards that training reads as its one data path
   extra.safetensors       the empty-prompt embedding (caption dropout, negative prompt)
   prompts-<hash>.safetensors  sample-prompt embeddings for one list of validation prompts
 
-The settings (model, text layers, sequence length, resolution, buckets, flips, holdout) are stored and
-checked: a cache made with other settings is refused with the difference named, never silently reused.
+The settings (model, text layers, sequence length, resolution, buckets, flips, holdout, text encoder quantization)
+are stored and checked: a cache made with other settings is refused with the difference named, never silently reused.
 Pass 1 runs the text encoder over the distinct captions (embeddings spill to a temp folder, so memory
 stays flat); pass 2 runs the VAE over the images and writes the shards.
+
+The text encoder (24 B for FLUX.2-dev) runs where `model.text_encoder_device` says: `auto` takes the GPU when its
+weights and a margin fit in the free memory (sizes read from the safetensors headers, nothing loaded), else the CPU.
+Where it ran is not part of the cache settings (the same weights at the same dtype give the same embeddings up to
+kernel rounding); `model.text_encoder_quantize` is, because int8/nf4 weights change the embeddings (by ~1% here).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,13 +37,19 @@ from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
 
 from ..flow import encode_images, encode_prompts
-from ..model import ModelSource, free, load_text_encoder, load_vae
+from ..memory import TEXT_BATCH, GiB, text_encoder_bytes
+from ..model import ModelError, ModelSource, free, load_text_encoder, load_vae
+from ..quant import check_quantize
 from .buckets import bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
 from .folder import DataError
 from .shards import CACHE_MEMBERS, RawSample, iter_tar, open_image
 
-TEXT_BATCH = 8
+log = logging.getLogger(__name__)
+
 CACHE_VERSION = 1
+# Settings added after version 1, with the value that caches made before them were made with. A setting at its
+# default is left out of index.json, so those caches keep their digest and stay valid.
+SETTING_DEFAULTS: dict[str, Any] = {"text_encoder_quantize": "none"}
 
 
 def full_caption(caption: str, trigger: str | None) -> str:
@@ -61,12 +73,13 @@ class CacheSettings:
     trigger: str
     holdout: int
     seed: int
+    text_encoder_quantize: str = "none"  # none | int8 | nf4: quantized weights change the embeddings
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["text_layers"] = list(self.text_layers)
         d["buckets"] = [list(b) for b in self.buckets]
-        return d
+        return {k: v for k, v in d.items() if k not in SETTING_DEFAULTS or v != SETTING_DEFAULTS[k]}
 
     def digest(self, source: str) -> str:
         return hashlib.sha256(json.dumps([self.to_json(), source], sort_keys=True).encode()).hexdigest()[:16]
@@ -85,6 +98,7 @@ def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
         trigger=d.trigger or "",
         holdout=d.holdout,
         seed=recipe.training.seed,
+        text_encoder_quantize=getattr(recipe.model, "text_encoder_quantize", "none"),
     )
 
 
@@ -128,12 +142,8 @@ def read_index(root: Path) -> CacheIndex:
 
 def check_settings(index: CacheIndex, expected: CacheSettings) -> None:
     """Refuse a cache made with other settings, naming what differs."""
-    want = expected.to_json()
-    diff = [
-        f"{k}: cache has {index.settings.get(k)!r}, recipe wants {v!r}"
-        for k, v in want.items()
-        if index.settings.get(k) != v
-    ]
+    want, have = SETTING_DEFAULTS | expected.to_json(), SETTING_DEFAULTS | index.settings
+    diff = [f"{k}: cache has {have.get(k)!r}, recipe wants {v!r}" for k, v in want.items() if have.get(k) != v]
     if diff:
         raise DataError(f"{index.root}: stale cache ({'; '.join(diff)}); rebuild it with `flux2-lora data cache`")
 
@@ -170,6 +180,58 @@ def dataset_source(spec: str, instance_prompt: str | None) -> tuple[Callable[[],
     return (lambda: iter_folder_samples(items, root)), ident
 
 
+def gpu_free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device in bytes, as the driver reports it (tests replace this)."""
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def place_text_encoder(
+    choice: str, src: ModelSource, device: torch.device, dtype: torch.dtype, quantize: str, tokens: int
+) -> torch.device:
+    """Where the cache stage runs the text encoder (`model.text_encoder_device`), decided before anything loads.
+
+    `auto` on a GPU: the GPU when weights x 1.05 + activations of one batch (memory.text_encoder_bytes) + 1 GiB fit
+    in its free memory, else the CPU (one warning line). nf4 runs only on a GPU. Without a GPU: the CPU."""
+    if device.type != "cuda":
+        if choice == "gpu":
+            raise ModelError("model.text_encoder_device: gpu, but there is no CUDA GPU here; use auto or cpu")
+        return device
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "gpu" and quantize != "nf4":
+        return device
+    weights, act = text_encoder_bytes(src.path / "text_encoder", dtype.itemsize, quantize, TEXT_BATCH, tokens)
+    need, free_now = 1.05 * weights + act + GiB, gpu_free_bytes(device)
+    if need <= free_now or choice == "gpu":
+        return device
+    kind = f"{quantize} linears" if quantize != "none" else str(dtype).removeprefix("torch.")
+    why = (
+        f"the text encoder needs ~{need / GiB:.1f} GiB ({weights / GiB:.1f} GiB of {kind} weights, activations and "
+        f"a reserve), the GPU has {free_now / GiB:.1f} GiB free"
+    )
+    if quantize == "nf4":  # bitsandbytes 4-bit runs only on the GPU: try there
+        log.warning("model.text_encoder_quantize: nf4 runs on the GPU although %s; it may run out of memory", why)
+        return device
+    hint = "model.text_encoder_quantize: int8 or nf4 may keep it on the GPU" if quantize == "none" else "nf4 is smaller"
+    log.warning("model.text_encoder_device: auto: %s, so it runs on the CPU (slow; %s)", why, hint)
+    return torch.device("cpu")
+
+
+def open_text_encoder(
+    src: ModelSource,
+    dtype: torch.dtype,
+    run_on: torch.device,
+    quantize: str = "none",
+    force_cpu_loading: bool = False,
+) -> tuple[Any, Any]:
+    """The text encoder and tokenizer on `run_on`, quantized while loading (nf4 loads straight onto the GPU)."""
+    load_on = run_on if quantize == "nf4" or not force_cpu_loading else torch.device("cpu")
+    text_encoder, tokenizer = load_text_encoder(src, dtype, None if load_on.type == "cpu" else load_on, quantize)
+    if quantize != "nf4":  # bitsandbytes models cannot be moved, and are already there
+        text_encoder.to(run_on)
+    return text_encoder, tokenizer
+
+
 def build_cache(
     out: Path,
     settings: CacheSettings,
@@ -178,10 +240,12 @@ def build_cache(
     text_dtype: torch.dtype,
     shard_size: int = 1000,
     force_cpu_loading: bool = False,
+    text_encoder_device: str = "auto",
 ) -> CacheIndex:
     """Encode every sample once into cached shards under `out` (written to out.tmp, then renamed).
 
     `samples` is called twice (pass 1: captions, pass 2: images) and must yield the same order both times.
+    The text encoder runs where `text_encoder_device` (auto | gpu | cpu) places it, quantized as the settings say.
     """
     if (out / "index.json").exists():
         index = read_index(out)
@@ -192,6 +256,10 @@ def build_cache(
     (tmp / "embeds").mkdir(parents=True)
     src = ModelSource(Path(settings.model), settings.family, settings.text_layers, "")
     load_on = None if force_cpu_loading else device
+    # Placement and quantization are decided (and refused in one line) before anything is read or loaded.
+    quantize = settings.text_encoder_quantize
+    text_on = place_text_encoder(text_encoder_device, src, device, text_dtype, quantize, settings.max_sequence_length)
+    check_quantize(quantize, text_on, "model.text_encoder_quantize")
 
     # Pass 1: keys and captions; the text encoder embeds each distinct caption once (spilled to disk).
     keys: list[str] = []
@@ -204,8 +272,7 @@ def build_cache(
     if not keys:
         raise DataError("dataset: no samples")
     unique = sorted(set(captions.values()) | {""})
-    text_encoder, tokenizer = load_text_encoder(src, text_dtype, load_on)
-    text_encoder.to(device)
+    text_encoder, tokenizer = open_text_encoder(src, text_dtype, text_on, quantize, force_cpu_loading)
     for j in tqdm(range(0, len(unique), TEXT_BATCH), desc="cache: prompts", unit="batch", leave=False):
         chunk = unique[j : j + TEXT_BATCH]
         out_emb = encode_prompts(
@@ -270,16 +337,21 @@ def prompt_embeddings(
     device: torch.device,
     text_dtype: torch.dtype,
     force_cpu_loading: bool = False,
+    text_encoder_device: str = "auto",
 ) -> list[torch.Tensor]:
-    """Embeddings of the sample prompts, computed once per prompt list and kept in the cache folder."""
+    """Embeddings of the sample prompts, computed once per prompt list and kept in the cache folder.
+
+    The text encoder is quantized as the cache's settings say (the same encoder as the cached captions)."""
     if not prompts:
         return []
     path = index.root / f"prompts-{_h(json.dumps(prompts))[:16]}.safetensors"
     if not path.exists():
         st = index.settings
         src = ModelSource(Path(st["model"]), st["family"], tuple(st["text_layers"]), "")
-        text_encoder, tokenizer = load_text_encoder(src, text_dtype, None if force_cpu_loading else device)
-        text_encoder.to(device)
+        quantize = st.get("text_encoder_quantize", SETTING_DEFAULTS["text_encoder_quantize"])
+        text_on = place_text_encoder(text_encoder_device, src, device, text_dtype, quantize, st["max_sequence_length"])
+        check_quantize(quantize, text_on, "model.text_encoder_quantize")
+        text_encoder, tokenizer = open_text_encoder(src, text_dtype, text_on, quantize, force_cpu_loading)
         emb = encode_prompts(src.family, text_encoder, tokenizer, prompts, src.text_layers, st["max_sequence_length"])
         free(text_encoder)
         tmp = path.with_name("." + path.name)
