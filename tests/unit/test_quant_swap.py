@@ -106,6 +106,32 @@ def test_gpu_only_quantizations_fail_on_the_cpu_in_one_line(monkeypatch: pytest.
         check_quantize("nf4", torch.device("cuda"))
 
 
+@pytest.mark.parametrize("name", ["black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-4B"])
+def test_nf4_skip_list_leaves_exactly_the_block_linears_to_bitsandbytes(name: str) -> None:
+    """diffusers' own bitsandbytes module replacement, run on the real module tree (meta device, full depth): the
+    linears it turns into Linear4bit are exactly the ones memory.is_quantizable (and the int8 path) selects."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from flux2_lora.memory import KNOWN_MODELS, build_meta_transformer, is_quantizable
+    from flux2_lora.quant import bnb_config
+
+    config = KNOWN_MODELS[name]["transformer"]
+    model = build_meta_transformer(config, torch.bfloat16)
+    cfg = bnb_config("nf4", torch.bfloat16)
+    skip = list(cfg.llm_int8_skip_modules)
+    top = {n for n, _ in model.named_children()}
+    assert set(skip) <= top, set(skip) - top  # no stale names: each one is a top-level module of the model
+    want = {n for n, m in model.named_modules() if is_quantizable(n, m)}
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=cfg)
+    got = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert got == want, sorted(got ^ want)
+    per_double, per_single = 12, 2
+    assert len(got) == per_double * config["num_layers"] + per_single * config["num_single_layers"]
+    left = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # kept at the model dtype
+    assert left and all(n.split(".")[0] in skip for n in left), sorted(left)
+
+
 def test_recipe_checks_block_swap_settings() -> None:
     r = Recipe()
     r.data.dataset = "x"
