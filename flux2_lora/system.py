@@ -111,10 +111,16 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
                 "GiB, without block swapping) or sharding over several GPUs may; else use a larger GPU"
             )
     if enc > worst:
+        te, q = shape.text_encoder_params / GiB, setup.text_encoder_quantize
+        smaller = {"none": f"int8 (about {te:.0f} GiB) or nf4 (about {0.52 * te:.0f} GiB, GPU only)",
+                   "int8": f"nf4 (about {0.52 * te:.0f} GiB, GPU only)"}.get(q)  # fmt: skip
+        ram = est.cache_stage[next(iter(est.cache_stage))] / GiB if q != "nf4" else te
         lines.append(
-            f"cache stage: the text encoder does not fit {worst:.1f} GiB; run `flux2-lora data cache` once on a larger "
-            "GPU, or on the CPU (CUDA_VISIBLE_DEVICES= ..., fp32: about "
-            f"{2 * est.cache_stage[next(iter(est.cache_stage))] / GiB:.0f} GiB of RAM), then train from the cache folder"
+            f"cache stage: the text encoder does not fit {worst:.1f} GiB"
+            + (f"; model.text_encoder_quantize: {smaller} may keep it on the GPU" if smaller else "")
+            + f"; else model.text_encoder_device: auto (the default) runs it on the CPU (slow; about {ram:.0f} GiB of "
+            + ("RAM" if q != "nf4" else "RAM with model.text_encoder_quantize: int8")
+            + "), or run `flux2-lora data cache` once on a larger GPU and train from the cache folder"
         )
     lines.append("the text encoder and VAE never share the GPU with training: embeddings and latents are cached first")
     return "\n".join(lines)
