@@ -58,6 +58,7 @@ commands:
   eval assess-quality  CLIP score, diversity, overfitting and validation loss of checkpoints (JSON + table)
   eval test-prompts  a prompt suite (recontext, style, attribute, composition, trigger leakage) on one LoRA
   eval select-best   rank checkpoints (CKPT... or --run OUTPUT) by a weighted composite score, name the best
+  ui                 the web app (Gradio) on http://127.0.0.1:7860: dataset, training, evaluation, optimization tabs
 
 `flux2-lora COMMAND --help` shows each command's arguments.
 """
@@ -376,6 +377,15 @@ def cmd_lora(argv: list[str]) -> int:
 
 COMMANDS["export"] = cmd_export
 COMMANDS["lora"] = cmd_lora
+
+
+def cmd_ui(argv: list[str]) -> int:
+    from .ui.app import cmd_ui as run
+
+    return run(argv)
+
+
+COMMANDS["ui"] = cmd_ui
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,11 +119,11 @@ def load_image(source: Path | IO[bytes], name: str | None = None) -> Image.Image
     """
     label = name or str(source)
     try:
-        with Image.open(source) as im:
-            if getattr(im, "n_frames", 1) > 1:
+        with Image.open(source) as opened:
+            if getattr(opened, "n_frames", 1) > 1:
                 log.warning("%s: animated image, training on its first frame", label)
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
+            opened.seek(0)
+            im: Image.Image = ImageOps.exif_transpose(opened)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGB", im.size, ALPHA_BACKGROUND)

@@ -1,0 +1,237 @@
+"""What the browser shows, read from folders on disk: a dataset's report, a run's progress, a sweep's trials.
+
+No Gradio here: each function returns plain values (text, rows, paths), so the tests check them directly and the
+app only places them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.folder import IMAGE_EXTENSIONS
+from ..data.validate import find_caption, read_metadata
+from ..plots import loss_plot
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+
+def problem_rows(report: Any) -> list[list[str]]:
+    """validate's problems as table rows: severity, file (relative to the dataset), code, reason."""
+    rows = []
+    for p in report.problems:
+        try:
+            rel = p.path.relative_to(report.root).as_posix() if p.path != report.root else "."
+        except ValueError:
+            rel = str(p.path)
+        rows.append([p.severity, rel, p.code, p.reason])
+    return rows
+
+
+def thumbnails(root: Path, limit: int = 48) -> list[tuple[str, str]]:
+    """(image path, caption) for the first `limit` images in file order; the caption the trainer would read."""
+    metadata, _ = read_metadata(root)
+    out: list[tuple[str, str]] = []
+    for p in sorted(root.rglob("*")):
+        if len(out) >= limit:
+            break
+        rel = p.relative_to(root)
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in rel.parts):
+            continue
+        if not p.is_file():
+            continue
+        caption = find_caption(p, metadata, root).text
+        out.append((str(p), f"{rel.as_posix()}: {caption}" if caption else f"{rel.as_posix()}: (no caption)"))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written right now
+    return out
+
+
+def _recipe(out: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load((out / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def dotted(recipe: dict[str, Any], name: str) -> Any:
+    node: Any = recipe
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@dataclass
+class RunView:
+    step: int = 0
+    max_steps: int | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    steps_per_s: float | None = None
+    eta_s: float | None = None
+    lora: str | None = None
+    loss_png: str | None = None
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    def progress_text(self, state: str) -> str:
+        parts = [f"step {self.step}" + (f" of {self.max_steps} ({100 * self.fraction:.0f}%)" if self.max_steps else "")]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.val_loss is not None:
+            parts.append(f"val_loss {self.val_loss:.4f}")
+        if state == "running" and self.steps_per_s:
+            parts.append(f"{self.steps_per_s:.2f} steps/s")
+            if self.eta_s is not None:
+                parts.append(f"ETA {format_seconds(self.eta_s)}")
+        return ", ".join(parts)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_view(out: Path, plot_dir: Path | None = None) -> RunView:
+    """A training run's state from its folder: progress, latest losses, ETA, plot, samples, checkpoints, LoRA."""
+    v = RunView()
+    recipe = _recipe(out)
+    v.max_steps = dotted(recipe, "training.max_steps")
+    records = read_metrics(out / "metrics.jsonl")
+    for rec in records:
+        v.step = max(v.step, int(rec.get("step", 0)))
+        if isinstance(rec.get("loss"), float) and math.isfinite(rec["loss"]):
+            v.loss = rec["loss"]
+            v.steps_per_s = rec.get("steps_per_s")
+        if isinstance(rec.get("val_loss"), float):
+            v.val_loss = rec["val_loss"]
+    if v.steps_per_s and v.max_steps:
+        v.eta_s = max(0, v.max_steps - v.step) / v.steps_per_s
+    if plot_dir is not None and len(records) >= 2:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1(str(out).encode()).hexdigest()[:10]
+        png = plot_dir / f"loss-{key}-{len(records)}.png"
+        if not png.exists():
+            for old in plot_dir.glob(f"loss-{key}-*.png"):
+                old.unlink(missing_ok=True)
+            loss_plot(out / "metrics.jsonl", png)
+        v.loss_png = str(png) if png.exists() else None
+    grids = sorted((out / "samples").glob("step-*-grid.png"))
+    v.samples = [(str(p), p.stem.replace("-grid", "").replace("step-", "step ")) for p in grids[-4:]]
+    v.checkpoints = checkpoints(out)
+    if (out / "lora.safetensors").exists():
+        v.lora = str(out / "lora.safetensors")
+    return v
+
+
+def checkpoints(out: Path) -> list[str]:
+    """A run's LoRA files in step order: each checkpoints/step-N/lora.safetensors, then the final lora.safetensors."""
+    steps = []
+    for d in (out / "checkpoints").glob("step-*"):
+        if (d / "lora.safetensors").exists() and d.name[5:].isdigit():
+            steps.append((int(d.name[5:]), str(d / "lora.safetensors")))
+    found = [p for _, p in sorted(steps)]
+    if (out / "lora.safetensors").exists():
+        found.append(str(out / "lora.safetensors"))
+    return found
+
+
+def checkpoint_label(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.parent.name.startswith("step-") else "final"
+
+
+# ----------------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepView:
+    requested: int = 0
+    max_steps: int = 0
+    names: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)  # trial, params..., step, val_loss, state
+    best: tuple[str, float] | None = None
+    best_config: str | None = None
+    plots: list[str] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def headers(self) -> list[str]:
+        return ["trial", *[n.split(".")[-1] for n in self.names], "step", "val_loss", "state"]
+
+    def summary(self) -> str:
+        done = sum(r[-1] != "running" for r in self.rows)
+        text = f"{len(self.rows)} of {self.requested} trials started, {done} ended"
+        if self.best is not None:
+            text += f"; best so far: trial {self.best[0]}, val_loss {self.best[1]:.5f}"
+        return text
+
+
+def sweep_view(out: Path) -> SweepView:
+    """A sweep's trials from O/trials/<id>/ while it runs; the final summary once optimization_results.json exists."""
+    v = SweepView()
+    try:
+        sweep = json.loads((out / "sweep.json").read_text())
+    except (OSError, ValueError):
+        sweep = {}
+    v.requested = int(sweep.get("trials", 0))
+    v.max_steps = int(sweep.get("max_steps", 0))
+    v.names = [p["name"] for p in sweep.get("space", [])]
+    final = {}
+    results = out / "optimization_results.json"
+    if results.exists() and (out / "trials_data.json").exists():
+        v.finished = True
+        for t in json.loads((out / "trials_data.json").read_text()):
+            final[t["trial_id"]] = t
+    for d in sorted((out / "trials").glob("*"), key=lambda p: p.stat().st_mtime):
+        if not d.is_dir():
+            continue
+        recipe = _recipe(d)
+        vals = [r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r]
+        steps = [r["step"] for r in read_metrics(d / "metrics.jsonl")]
+        t = final.get(d.name)
+        state = t["state"] if t else ("completed" if (d / "lora.safetensors").exists() else "running")
+        val = vals[-1] if vals else None
+        v.rows.append([d.name, *[dotted(recipe, n) for n in v.names], max(steps, default=0), val, state])
+        if state == "completed" and val is not None and (v.best is None or val < v.best[1]):
+            v.best = (d.name, val)
+    if v.finished:
+        summary = json.loads(results.read_text())
+        if summary.get("best_value") is not None:
+            v.best = (summary["best_trial"], summary["best_value"])
+        if (out / "best_config.yaml").exists():
+            v.best_config = str(out / "best_config.yaml")
+        v.plots = [
+            str(p) for p in (out / n for n in ("optimization_history.png", "validation_curves.png")) if p.exists()
+        ]
+    return v
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

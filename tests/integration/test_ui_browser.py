@@ -1,0 +1,232 @@
+"""The web app in a real browser: Playwright drives Debian's chromium (headless) against `flux2-lora ui`.
+
+The app runs as its own process on a free port with one allowed folder (tmp). The tests run in order on that one
+app: check the sample dataset, train the tiny model from the Training tab (watching progress and the loss plot
+update, reloading the page mid-run), compare two of its checkpoints, and look at the Optimization tab. Each test
+saves a screenshot of its tab in build/ui-screenshots/. Processes started here (the app, and the jobs it started,
+found in its state folder) are stopped by pid at the end.
+
+Needs playwright (pip) and /usr/bin/chromium (Debian's `chromium` package; `.ci/run` installs it). Without them the
+tests skip, unless FLUX2_LORA_REQUIRE_BROWSER=1 (set by CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "build" / "ui-screenshots"
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = pytest.mark.slow
+
+
+def _browser_available() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    missing = _browser_available()
+    if missing:
+        if os.environ.get("FLUX2_LORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    root = tmp_path_factory.mktemp("ui-root")
+    state = root / ".state"
+    subprocess.run(
+        [sys.executable, "-m", "flux2_lora", "data", "make-sample", "--out", str(root / "shapes")], check=True
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(root / "app.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flux2_lora", "ui", "--root", str(root), "--state-dir", str(state), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("the app did not start: " + (root / "app.log").read_text()[-2000:])
+            time.sleep(0.5)
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        try:
+            yield {"page": page, "root": root, "url": url, "state": state}
+        finally:
+            browser.close()
+            # Stop what this test started, by pid: the app's session, then any job it left running.
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for record in (state / "jobs").glob("*.json"):
+                pid = json.loads(record.read_text())["pid"]
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            log.close()
+
+
+def _tab(page: Any, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _fill(page: Any, elem_id: str, value: str, enter: bool = False) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    if enter:
+        box.press("Enter")
+
+
+def test_dataset_tab_checks_a_folder_and_refuses_one_outside_the_roots(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    _tab(page, "Dataset")
+    _fill(page, "ds-path", str(root / "shapes"), enter=True)
+    _fill(page, "ds-min-res", "64")
+    page.locator("#ds-check").click()
+    expect(page.locator("#ds-status")).to_contain_text("12 images, 12 ok, 0 errors, 0 warnings — ready to train")
+    expect(page.locator("#ds-gallery img")).to_have_count(12)
+    expect(page.locator("#ds-gallery")).to_contain_text("000.png: a white circle")  # captions under thumbnails
+    expect(page.locator("#ds-hist img")).to_be_visible()
+    expect(page.locator("#ds-stats textarea")).to_have_value(__import__("re").compile("images: 12"))
+    page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+    # At the default minimum side (256 px) every 96 px sample is listed with its reason.
+    _fill(page, "ds-min-res", "256")
+    page.locator("#ds-check").click()
+    expect(page.locator("#ds-status")).to_contain_text("12 errors")
+    expect(page.locator("#ds-problems")).to_contain_text("short side 96 px is under --min-resolution 256")
+    # A folder outside the allowed root: one line, nothing read.
+    _fill(page, "ds-path", "/etc", enter=True)
+    page.locator("#ds-check").click()
+    expect(page.locator("#ds-status")).to_contain_text("dataset: /etc is outside the folders this app may use")
+
+
+def test_training_tab_runs_the_tiny_model_to_the_end_with_live_progress(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    _tab(page, "Training")
+    expect(page.locator("#tr-max-steps input")).to_have_value("200")  # the preset's values fill the form
+    out = root / "runs" / "browser"
+    _fill(page, "tr-output", str(out))
+    for name, value in {"max-steps": "40", "every-n-steps": "10", "checkpoint-every": "20", "log-every": "2"}.items():
+        _fill(page, f"tr-{name}", value)
+    page.locator("#tr-start").click()
+    expect(page.locator("#tr-status")).to_contain_text("running")
+    # Two jobs never write one folder.
+    page.locator("#tr-start").click()
+    expect(page.locator("#tr-message")).to_contain_text("is being written by train job")
+    # Progress and the loss plot update while it runs: record what the page shows each half second.
+    seen_steps: list[int] = []
+    plots: set[str] = set()
+    reloaded = False
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        text = page.locator("#train-progress-text").inner_text()
+        if " of 40" in text:
+            seen_steps.append(int(text.split()[1]))
+        img = page.locator("#tr-plot img")
+        if img.count():
+            plots.add(img.first.get_attribute("src") or "")
+        if not reloaded and seen_steps and 0 < seen_steps[-1] < 40:
+            page.reload()  # the page finds the running job again
+            _tab(page, "Training")
+            expect(page.locator("#tr-status")).to_contain_text("train job")
+            expect(page.locator("#tr-output input, #tr-output textarea").first).to_have_value(str(out))
+            expect(page.locator("#tr-max-steps input")).to_have_value("40")
+            reloaded = True
+        if "finished" in page.locator("#tr-status").inner_text():
+            break
+        time.sleep(0.5)
+    expect(page.locator("#tr-status")).to_contain_text("finished")
+    expect(page.locator("#train-progress-text")).to_contain_text("step 40 of 40 (100%)")
+    assert reloaded
+    distinct = sorted(set(seen_steps))
+    assert len(distinct) >= 3 and distinct == sorted(distinct), seen_steps  # it moved, and only forwards
+    assert len(plots) >= 2, plots  # the loss plot was redrawn as steps came in
+    link = page.locator("#tr-lora a").first
+    expect(link).to_be_visible()
+    body = page.request.get(link.get_attribute("href")).body()
+    from safetensors.torch import load
+
+    lora = load(body)
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    assert body == (out / "lora.safetensors").read_bytes()
+    expect(page.locator("#tr-samples img").first).to_be_visible()
+    page.screenshot(path=str(SHOTS / "training.png"), full_page=True)
+
+
+def test_evaluation_tab_compares_two_checkpoints(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    _tab(page, "Evaluation")
+    _fill(page, "ev-run", str(root / "runs" / "browser"), enter=True)
+    expect(page.locator("#ev-ckpts label")).to_have_count(3)  # step-20, step-40, final
+    expect(page.locator("#ev-ckpts")).to_contain_text("step-20")
+    boxes = page.locator("#ev-ckpts input[type=checkbox]")
+    for i in range(3):  # exactly the two step checkpoints
+        if boxes.nth(i).is_checked() != (i < 2):
+            boxes.nth(i).click()
+    _fill(page, "ev-steps", "2")
+    _fill(page, "ev-seeds", "0 1")
+    page.locator("#ev-compare").click()
+    expect(page.locator("#ev-status")).to_contain_text("finished", timeout=300_000)
+    expect(page.locator("#ev-grid img")).to_be_visible()
+    compare = json.loads(next((root / "runs" / "browser" / "eval").glob("compare-*/compare.json")).read_text())
+    assert [r["label"] for r in compare["rows"]] == ["step-20", "step-40"]
+    assert compare["seeds"] == [0, 1] and compare["settings"]["steps"] == 2
+    page.screenshot(path=str(SHOTS / "evaluation.png"), full_page=True)
+
+
+def test_optimization_tab_refuses_an_output_outside_the_roots(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page = app["page"]
+    _tab(page, "Optimization")
+    _fill(page, "op-output", "/tmp/not-allowed-sweep")
+    page.locator("#op-start").click()
+    expect(page.locator("#op-message")).to_contain_text("output: /tmp/not-allowed-sweep is outside the folders")
+    page.screenshot(path=str(SHOTS / "optimization.png"), full_page=True)
+    assert not Path("/tmp/not-allowed-sweep").exists()
+    shutil.rmtree(app["root"] / "sweeps", ignore_errors=True)

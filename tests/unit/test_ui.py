@@ -1,0 +1,212 @@
+"""The web app's parts without a browser: allowed folders, jobs (start, conflict, stop, reattach), what a run and a
+sweep folder look like to the page, and the safety rules of `flux2-lora ui`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flux2_lora.cli import main
+from flux2_lora.ui import jobs as jobs_mod
+from flux2_lora.ui.app import is_loopback, read_auth
+from flux2_lora.ui.jobs import JobManager
+from flux2_lora.ui.paths import Roots, UiError
+from flux2_lora.ui.views import checkpoints, run_view, sweep_view
+
+
+def test_paths_must_stay_inside_the_allowed_roots(tmp_path: Path) -> None:
+    a, b, outside = tmp_path / "a", tmp_path / "b", tmp_path / "outside"
+    for d in (a, b, outside):
+        d.mkdir()
+    (a / "data").mkdir()
+    roots = Roots.of([a, b])
+    assert roots.resolve("data", "dataset") == str(a / "data")  # relative: inside the first root
+    assert roots.resolve(str(b), "dataset") == str(b)
+    assert roots.resolve(str(a / "new" / "run"), "output", must_exist=False) == str(a / "new" / "run")
+    with pytest.raises(UiError, match=r"dataset: .*outside the folders this app may use"):
+        roots.resolve(str(outside), "dataset")
+    with pytest.raises(UiError, match="outside"):
+        roots.resolve(str(a / ".." / "outside"), "dataset")
+    (a / "link").symlink_to(outside)  # a link inside a root that leads out is outside
+    with pytest.raises(UiError, match="outside"):
+        roots.resolve(str(a / "link"), "dataset")
+    with pytest.raises(UiError, match="does not exist"):
+        roots.resolve(str(a / "missing"), "dataset")
+    with pytest.raises(UiError, match="dataset: required"):
+        roots.resolve("  ", "dataset")
+    assert roots.resolve("builtin:sample", "dataset", allow_builtin=True) == "builtin:sample"
+    with pytest.raises(UiError, match="not a built-in name"):
+        roots.resolve("builtin:nothing", "dataset", allow_builtin=True)
+    with pytest.raises(UiError, match="--root"):
+        Roots.of([tmp_path / "nope"])
+
+
+def test_pickers_list_only_folders_inside_the_roots(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "root"
+    (root / "set1").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "set1" / "a.png")
+    Image.new("RGB", (8, 8)).save(root / ".hidden" / "b.png")
+    run = root / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    (run / "recipe.yaml").write_text("")
+    roots = Roots.of([root])
+    assert roots.folders_with("images") == [str(root / "set1")]
+    assert roots.folders_with("run") == [str(run)]
+
+
+@pytest.fixture
+def sleeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs run a small Python program instead of the CLI: it writes a line, then waits (SIGTERM ends it)."""
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+        "print('working', flush=True)\n"
+        "time.sleep(60 if sys.argv[1] != 'fail' else 0)\n"
+        "sys.exit(0 if sys.argv[1] != 'fail' else 'flux2-lora: error: training.lr: must be > 0')\n"
+    )
+    monkeypatch.setattr(jobs_mod, "command", lambda kind, args: [sys.executable, "-c", code, *args])
+
+
+def test_jobs_stop_fail_and_one_job_per_output_folder(tmp_path: Path, sleeper: None) -> None:
+    manager = JobManager(tmp_path / "state")
+    out = tmp_path / "run"
+    job = manager.start("train", ["wait"], str(out))
+    try:
+        assert manager.get(job.id).running
+        with pytest.raises(UiError, match=f"is being written by train job {job.id}"):
+            manager.start("eval", ["wait"], str(out))
+        other = manager.start("train", ["wait"], str(tmp_path / "run2"))  # another folder is fine
+        manager.stop(other.id)
+        assert manager.wait(other.id, 20).state == "stopped"  # SIGTERM: the trainer checkpoints and exits 75
+        time.sleep(0.5)
+        assert "working" in manager.get(job.id).log_tail()
+    finally:
+        manager.stop(job.id)
+    assert manager.wait(job.id, 20).state == "stopped"
+    failed = manager.start("train", ["fail"], str(out))  # the folder is free again
+    done = manager.wait(failed.id, 20)
+    assert done.state == "failed" and done.returncode == 1
+    assert done.error_line() == "flux2-lora: error: training.lr: must be > 0"
+    assert [j.id for j in manager.all("train")] == [job.id, other.id, failed.id]
+
+
+def test_a_new_app_finds_a_running_job_and_tells_a_reused_pid(tmp_path: Path, sleeper: None) -> None:
+    first = JobManager(tmp_path / "state")
+    job = first.start("train", ["wait"], str(tmp_path / "run"))
+    again = JobManager(tmp_path / "state")  # a restarted app: no process handle, only the record
+    found = again.latest("train")
+    assert found is not None and found.id == job.id and found.running
+    os.kill(job.pid, signal.SIGKILL)
+    first.wait(job.id, 20)  # reaps the child (the first app is its parent)
+    assert again.get(job.id).state in ("ended", "failed")
+    # A record whose pid now belongs to another process (start time differs) is not taken for the job.
+    record = json.loads((tmp_path / "state" / "jobs" / f"{job.id}.json").read_text())
+    record.update(state="running", pid=os.getpid(), returncode=None)
+    (tmp_path / "state" / "jobs" / f"{job.id}.json").write_text(json.dumps(record))
+    assert again.get(job.id).state == "ended"
+
+
+def test_a_training_run_outside_the_app_blocks_its_folder(tmp_path: Path, sleeper: None) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UiError, match="in use by a training run outside this app"):
+            JobManager(tmp_path / "state").start("train", ["wait"], str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    job = JobManager(tmp_path / "state").start("train", ["fail"], str(out))  # the lock died with its process
+    assert job.pid > 0
+
+
+def _metrics(path: Path, records: list[dict[str, float]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_run_view_reads_progress_eta_plot_and_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "recipe.yaml").write_text("training:\n  max_steps: 100\n")
+    _metrics(out / "metrics.jsonl", [
+        {"step": 0, "val_loss": 1.5},
+        {"step": 10, "loss": 1.4, "steps_per_s": 2.0},
+        {"step": 20, "loss": 1.2, "steps_per_s": 4.0},
+        {"step": 20, "val_loss": 1.3},
+    ])  # fmt: skip
+    for step in (20, 10, 5):
+        (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (out / "checkpoints" / f"step-{step}" / "lora.safetensors").write_bytes(b"x")
+    (out / "checkpoints" / "step-5" / "lora.safetensors").unlink()  # an unfinished checkpoint is not listed
+    v = run_view(out, tmp_path / "plots")
+    assert (v.step, v.max_steps, v.loss, v.val_loss) == (20, 100, 1.2, 1.3)
+    assert v.eta_s == pytest.approx(80 / 4.0)
+    assert v.progress_text("running") == "step 20 of 100 (20%), loss 1.2000, val_loss 1.3000, 4.00 steps/s, ETA 0:00:20"
+    assert "ETA" not in v.progress_text("finished")
+    assert v.loss_png is not None and Path(v.loss_png).stat().st_size > 0
+    assert v.lora is None
+    assert [Path(p).parent.name for p in v.checkpoints] == ["step-10", "step-20"]
+    (out / "lora.safetensors").write_bytes(b"x")
+    assert checkpoints(out)[-1] == str(out / "lora.safetensors")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "lo')  # a line being written is skipped, not an error
+    assert run_view(out).step == 20
+
+
+def test_sweep_view_lists_live_trials_then_the_final_summary(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    space = [{"name": "training.lr", "type": "float"}, {"name": "lora.rank", "type": "int"}]
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"trials": 3, "max_steps": 20, "space": space}))
+    for tid, lr, val, done in (("t1", 0.01, 0.9, True), ("t2", 0.001, 0.7, False)):
+        d = out / "trials" / tid
+        d.mkdir(parents=True)
+        (d / "recipe.yaml").write_text(f"training:\n  lr: {lr}\nlora:\n  rank: 8\n")
+        _metrics(d / "metrics.jsonl", [{"step": 10, "val_loss": val}])
+        if done:
+            (d / "lora.safetensors").write_bytes(b"x")
+        time.sleep(0.01)
+    v = sweep_view(out)
+    assert v.headers == ["trial", "lr", "rank", "step", "val_loss", "state"]
+    assert v.rows == [["t1", 0.01, 8, 10, 0.9, "completed"], ["t2", 0.001, 8, 10, 0.7, "running"]]
+    assert v.best == ("t1", 0.9)  # a running trial's lower value is not a result yet
+    assert v.summary() == "2 of 3 trials started, 1 ended; best so far: trial t1, val_loss 0.90000"
+    (out / "trials_data.json").write_text(json.dumps([{"trial_id": "t2", "state": "pruned"}]))
+    (out / "optimization_results.json").write_text(json.dumps({"best_trial": "t1", "best_value": 0.9}))
+    (out / "best_config.yaml").write_text("model: {}\n")
+    v = sweep_view(out)
+    assert v.finished and v.rows[1][-1] == "pruned" and v.best_config == str(out / "best_config.yaml")
+
+
+def test_public_bind_needs_auth_and_auth_must_be_well_formed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    for argv in (["--host", "0.0.0.0"], ["--share", "true"]):
+        assert main(["ui", *argv, "--root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "add --auth USER:PASSWORD" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["ui", "--host", "0.0.0.0", "--auth", "nopassword"]) == 2
+    assert "expected USER:PASSWORD" in capsys.readouterr().err
+    assert main(["ui", "--root", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    f = tmp_path / "users"
+    f.write_text("# team\nana:s3cret\nbo:pw\n")
+    assert read_auth(None, str(f)) == [("ana", "s3cret"), ("bo", "pw")]
