@@ -98,6 +98,12 @@ def _job_state(job: Job | None) -> str:
     return f"{job.kind} job {job.id}: {word}"
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _progress_html(fraction: float, text: str) -> str:
     pct = max(0.0, min(1.0, fraction)) * 100
     return (
@@ -211,7 +217,9 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
             tr_progress = gr.HTML(_progress_html(0, ""), elem_id="tr-progress-html")
             with gr.Row():
                 tr_plot = gr.Image(label="Loss", type="filepath", elem_id="tr-plot", interactive=False)
-                tr_samples = gr.Gallery(label="Latest samples", columns=2, height=360, elem_id="tr-samples")
+                tr_samples = gr.Gallery(
+                    label="Latest samples", columns=2, height=360, object_fit="contain", elem_id="tr-samples"
+                )
             tr_lora = gr.File(label="LoRA (download)", elem_id="tr-lora", interactive=False)
             tr_log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="tr-log", autoscroll=True)
 
@@ -393,7 +401,9 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 op_trials = gr.Number(value=8, label="Trials", elem_id="op-trials")
                 op_steps = gr.Number(value=200, label="Max steps per trial", elem_id="op-steps")
                 op_concurrent = gr.Number(value=1, label="Trials at a time", elem_id="op-concurrent")
-                op_gpus = gr.Number(value=1, label="GPUs per trial (0 on a CPU)", elem_id="op-gpus")
+                op_gpus = gr.Number(
+                    value=1 if _has_gpu() else 0, label="GPUs per trial (0: CPU only)", elem_id="op-gpus"
+                )
                 op_space = gr.Textbox(label="Search space YAML (blank: the default)", elem_id="op-space")
             op_extra = gr.Textbox(label="More recipe flags", elem_id="op-extra")
             with gr.Row():
@@ -403,7 +413,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
             op_message = gr.Markdown(elem_id="op-message")
             op_status = gr.Markdown(elem_id="op-status")
             op_table = gr.Dataframe(label="Trials", interactive=False, elem_id="op-table", visible=False)
-            op_plots = gr.Gallery(label="Plots", columns=2, height=360, elem_id="op-plots")
+            op_plots = gr.Gallery(label="Plots", columns=2, height=420, object_fit="contain", elem_id="op-plots")
             op_best = gr.File(label="best_config.yaml (download)", elem_id="op-best", interactive=False)
             op_log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="op-log")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -227,6 +226,41 @@ def test_optimization_tab_refuses_an_output_outside_the_roots(app: dict[str, Any
     _fill(page, "op-output", "/tmp/not-allowed-sweep")
     page.locator("#op-start").click()
     expect(page.locator("#op-message")).to_contain_text("output: /tmp/not-allowed-sweep is outside the folders")
-    page.screenshot(path=str(SHOTS / "optimization.png"), full_page=True)
     assert not Path("/tmp/not-allowed-sweep").exists()
-    shutil.rmtree(app["root"] / "sweeps", ignore_errors=True)
+    page.screenshot(path=str(SHOTS / "optimization.png"), full_page=True)  # the sweep test replaces it
+
+
+@pytest.mark.cluster
+def test_optimization_tab_runs_a_sweep_and_offers_the_best_config(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    _tab(page, "Optimization")
+    out = root / "sweeps" / "browser"
+    _fill(page, "op-output", str(out))
+    _fill(page, "op-trials", "2")
+    _fill(page, "op-steps", "10")
+    _fill(page, "op-concurrent", "1")
+    expect(page.locator("#op-gpus input")).to_have_value("0")  # no GPU here: the form says so
+    _fill(page, "op-extra", "--report-every 5 --grace-steps 10 --search-seed 3 --cpus-per-trial 1")
+    page.locator("#op-start").click()
+    expect(page.locator("#op-message")).to_contain_text("started tune job")
+    expect(page.locator("#op-status")).to_contain_text("running")
+    expect(page.locator("#op-table")).to_contain_text("val_loss", timeout=300_000)  # trials appear as they run
+    expect(page.locator("#op-status")).to_contain_text("finished", timeout=600_000)
+    expect(page.locator("#op-status")).to_contain_text("2 of 2 trials started, 2 ended")
+    results = json.loads((out / "optimization_results.json").read_text())
+    assert results["trials"]["completed"] == 2  # search seed 3 draws two valid trials
+    expect(page.locator("#op-status")).to_contain_text(f"best so far: trial {results['best_trial']}")
+    link = page.locator("#op-best a").first
+    expect(link).to_be_visible()
+    text = page.request.get(link.get_attribute("href")).text()
+    assert text == (out / "best_config.yaml").read_text()
+    from flux2_lora.cli import parse_train
+
+    config = out / "downloaded.yaml"
+    config.write_text(text)
+    recipe, _ = parse_train(["--config", str(config)])
+    assert recipe.training.max_steps == 10
+    expect(page.locator("#op-plots img").first).to_be_visible()
+    page.screenshot(path=str(SHOTS / "optimization.png"), full_page=True)
