@@ -78,6 +78,13 @@ class Report:
     def n_warnings(self) -> int:
         return sum(p.severity == "warning" for p in self.problems)
 
+    def rel(self, path: Path) -> str:
+        """A problem's path as shown: relative to the dataset root ("." for the root itself)."""
+        try:
+            return path.relative_to(self.root).as_posix() if path != self.root else "."
+        except ValueError:
+            return str(path)
+
     def codes(self, path: Path) -> list[str]:
         return [p.code for p in self.problems if p.path == path]
 
@@ -557,11 +564,7 @@ def format_report(report: Report) -> str:
     """One line per problem (`ERROR   path: reason`, paths relative to the root) and a summary line."""
     lines = []
     for p in report.problems:
-        try:
-            rel = p.path.relative_to(report.root).as_posix() if p.path != report.root else "."
-        except ValueError:
-            rel = str(p.path)
-        lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {rel}: {p.reason}")
+        lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {report.rel(p.path)}: {p.reason}")
     lines.append(
         f"{_plural(report.n_images, 'image')}: {report.n_ok} ok, "
         f"{_plural(report.n_errors, 'error')}, {_plural(report.n_warnings, 'warning')}"

@@ -25,14 +25,7 @@ from ..plots import loss_plot
 
 def problem_rows(report: Any) -> list[list[str]]:
     """validate's problems as table rows: severity, file (relative to the dataset), code, reason."""
-    rows = []
-    for p in report.problems:
-        try:
-            rel = p.path.relative_to(report.root).as_posix() if p.path != report.root else "."
-        except ValueError:
-            rel = str(p.path)
-        rows.append([p.severity, rel, p.code, p.reason])
-    return rows
+    return [[p.severity, report.rel(p.path), p.code, p.reason] for p in report.problems]
 
 
 def thumbnails(root: Path, limit: int = 48) -> list[tuple[str, str]]:
