@@ -391,6 +391,10 @@ COMMANDS["ui"] = cmd_ui
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Import-time notices of torchao 0.18 under torch 2.14 (Enum pytree registration; diffusers' torchao tensor
+    # lookup) say nothing about the user's run: keep them out of every command's output.
+    for name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -260,13 +260,28 @@ class Estimate:
         return sum(self.parts.values())
 
     def table(self) -> str:
-        rows = [f"  {k:58s} {v / GiB:8.2f} GiB" for k, v in self.parts.items()]
-        rows.append(f"  {'training peak (allocated)':58s} {self.total / GiB:8.2f} GiB")
-        rows.append(f"  {'+ CUDA context and allocator reserve':58s} {self.reserve / GiB:8.2f} GiB")
-        rows.append(f"  {'needed on the GPU':58s} {(self.total + self.reserve) / GiB:8.2f} GiB")
+        rows = [f"  {k:58s} {human_bytes(v):>12}" for k, v in self.parts.items()]
+        rows.append(f"  {'training peak (allocated)':58s} {human_bytes(self.total):>12}")
+        rows.append(f"  {'+ CUDA context and allocator reserve':58s} {human_bytes(self.reserve):>12}")
+        rows.append(f"  {'needed on the GPU':58s} {human_bytes(self.total + self.reserve):>12}")
         rows.append("  cache stage (before training; the transformer is not loaded then):")
-        rows += [f"    {k:56s} {v / GiB:8.2f} GiB" for k, v in self.cache_stage.items()]
+        rows += [f"    {k:56s} {human_bytes(v):>12}" for k, v in self.cache_stage.items()]
         return "\n".join(rows)
+
+
+def human_bytes(n: float) -> str:
+    """GiB for the sizes that matter on a GPU, MiB / KiB for the tiny model's (so they do not print as 0.00)."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 def build_meta_transformer(config: dict[str, Any], dtype: torch.dtype) -> Any:
@@ -354,14 +369,14 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     est.reserve = 0.5 * GiB + 0.05 * est.total
     te_q = setup.text_encoder_quantize
     te_label = f"{te_q} linears" if te_q != "none" else setup.dtype  # embeddings and head counted as linears too
-    est.cache_stage[f"text encoder ({shape.text_encoder_params / 1e9:.2f} B params, {te_label})"] = (
+    est.cache_stage[f"text encoder ({human_count(shape.text_encoder_params)} params, {te_label})"] = (
         shape.text_encoder_params * QUANT_BYTES.get(te_q, dtype_bytes)
     )
     if shape.text_encoder_config:
         est.cache_stage[f"text encoder activations ({TEXT_BATCH} prompts x {setup.text_tokens} tokens)"] = (
             text_encoder_activation_bytes(shape.text_encoder_config, TEXT_BATCH, setup.text_tokens, dtype_bytes)
         )
-    est.cache_stage[f"VAE ({shape.vae_params / 1e6:.0f} M params, {setup.dtype})"] = shape.vae_params * dtype_bytes
+    est.cache_stage[f"VAE ({human_count(shape.vae_params)} params, {setup.dtype})"] = shape.vae_params * dtype_bytes
     est.params = {"frozen": n_frozen, "lora": n_lora, "quantized": n_quant}
     return est
 

@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .memory import Estimate, GiB, ModelShape, Setup, estimate, model_shape
+from .memory import Estimate, GiB, ModelShape, Setup, estimate, human_count, model_shape
 
 # (name, GiB that torch reports as total memory)
 COMMON_GPUS = [("24 GB (RTX 4090)", 23.6), ("32 GB (RTX 5090)", 31.4), ("48 GB (L40S, A6000)", 44.4),
@@ -83,8 +83,8 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
     setup = Setup.from_recipe(recipe, on_gpu=True)
     est = estimate(shape, setup)
     lines = [
-        f"model {shape.name} (FLUX.2 {shape.family}): {est.params['frozen'] / 1e9:.2f} B transformer parameters, "
-        f"LoRA rank {setup.rank} on {setup.targets}: {est.params['lora'] / 1e6:.2f} M trainable",
+        f"model {shape.name} (FLUX.2 {shape.family}): {human_count(est.params['frozen'])} transformer parameters, "
+        f"LoRA rank {setup.rank} on {setup.targets}: {human_count(est.params['lora'])} trainable",
         f"one training process, {setup.resolution}px, batch {setup.batch_size}, {setup.text_tokens} text tokens, "
         f"{setup.dtype} weights (text encoder and VAE sizes: {shape.counted}):",
         est.table(),
