@@ -225,6 +225,7 @@ class Setup:
     quantize: str = "none"
     blocks_to_swap: int = 0
     text_encoder_quantize: str = "none"  # cache stage only
+    shards: int = 1  # GPUs that fully shard parameters, gradients and optimizer state (fsdp, zero3)
 
     @classmethod
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
@@ -335,7 +336,7 @@ _SIMULATED: dict[str, tuple[float, dict[str, float], int, list[tuple[float, floa
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """The memory plan for training `shape` with `setup` on one process (see the module docstring)."""
     # The simulation depends on neither the optimizer nor the quantization; plans that vary only those reuse it.
-    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0, "text_encoder_quantize": ""}
+    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0, "text_encoder_quantize": "", "shards": 1}
     key = json.dumps([shape.transformer, dataclasses.asdict(setup) | unused], default=str)
     if key not in _SIMULATED:
         _SIMULATED[key] = _simulate(shape, setup)
@@ -351,14 +352,23 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
                  for plain, quant in per_block[-swap:]]  # fmt: skip
         weights -= sum(sizes) - sum(sorted(sizes)[-2:])
 
+    shards = max(setup.shards, 1)
+    if shards > 1:  # each GPU keeps 1/N of every block and gathers the running block and the next one whole
+        q = QUANT_BYTES.get(setup.quantize, dtype_bytes)
+        sizes = [plain * dtype_bytes + quant * (q if setup.quantize != "none" else dtype_bytes)
+                 for plain, quant in per_block]  # fmt: skip
+        weights = weights / shards + sum(sorted(sizes)[-2:])
+
     est = Estimate()
     label = f"{setup.quantize} blocks + {setup.dtype}" if setup.quantize != "none" else setup.dtype
     if swap:
         label += f", {swap} blocks swapped to host"
+    if shards > 1:
+        label += f", 1/{shards} per GPU + 2 gathered blocks"
     est.parts[f"frozen transformer weights ({label})"] = weights
-    est.parts["LoRA parameters (fp32)"] = n_lora * 4
-    est.parts["LoRA gradients (fp32)"] = n_lora * 4
-    est.parts[f"optimizer state ({setup.optimizer})"] = n_lora * OPTIMIZER_BYTES.get(setup.optimizer, 8.0)
+    est.parts["LoRA parameters (fp32)"] = n_lora * 4 / shards
+    est.parts["LoRA gradients (fp32)"] = n_lora * 4 / shards
+    est.parts[f"optimizer state ({setup.optimizer})"] = n_lora * OPTIMIZER_BYTES.get(setup.optimizer, 8.0) / shards
     if setup.gradient_checkpointing:
         how = "checkpointing every block" if setup.checkpoint_every == 1 else f"every {setup.checkpoint_every}th"
     else:

@@ -77,6 +77,19 @@ def recommendations(shape: ModelShape, setup: Setup, gpu_gib: float) -> list[tup
     return out
 
 
+def sharding(shape: ModelShape, setup: Setup, gpu_gib: float) -> tuple[int, Estimate] | None:
+    """The fewest GPUs of `gpu_gib` that fit the recipe with parameters, gradients and optimizer state fully
+    sharded (fsdp or zero3), at the recipe's precision with checkpointing and batch 1, no quantization or swapping."""
+    s = dataclasses.replace(
+        setup, gradient_checkpointing=True, checkpoint_every=1, batch_size=1, quantize="none", blocks_to_swap=0
+    )
+    for n in (2, 4, 8, 16):
+        est = estimate(shape, dataclasses.replace(s, shards=n))
+        if needed(est) <= gpu_gib:
+            return n, est
+    return None
+
+
 def report(recipe: Any, gpu_gib: float | None) -> str:
     """The plan as text: the breakdown, the verdict for this GPU (or common GPUs), and what to change."""
     shape = model_shape(recipe.model.name_or_path)
@@ -103,6 +116,13 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
         recs = recommendations(shape, setup, worst)
         for text, e in recs:
             lines.append(f"  - {text}: {needed(e):.1f} GiB" + ("  <- fits" if needed(e) <= worst else ""))
+        shard = sharding(shape, setup, worst)
+        if shard is not None:
+            lines.append(
+                f"  or, on several such GPUs: distributed.strategy: fsdp (or zero3) with {shard[0]} GPUs: "
+                f"{needed(shard[1]):.1f} GiB each ({setup.dtype} base, checkpointing, batch 1 per GPU; no quantization "
+                "or swapping)"
+            )
         if not recs or needed(recs[-1][1]) > worst:
             frozen = est.parts[next(k for k in est.parts if k.startswith("frozen"))] / GiB
             lines.append(

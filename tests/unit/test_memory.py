@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from flux2_lora.memory import KNOWN_MODELS, ModelShape, Setup, estimate, model_shape
+from flux2_lora.memory import KNOWN_MODELS, GiB, ModelShape, Setup, estimate, model_shape
 from flux2_lora.model import lora_target_modules
 from tests.conftest import run_cli
 
@@ -130,3 +130,29 @@ def test_system_optimize_errors_are_one_line() -> None:
     assert "nobody/not-a-model" in res.stderr and list(KNOWN_MODELS)[0] in res.stderr
     res = run_cli("system", "optimize", "--preset", "tiny", "--gpu-memory", "lots")
     assert res.returncode == 2 and "--gpu-memory: must be a number" in res.stderr
+
+
+def test_sharded_plan_divides_the_state_and_gathers_two_blocks() -> None:
+    import dataclasses
+
+    shape = model_shape("black-forest-labs/FLUX.2-dev")
+    one = estimate(shape, Setup(resolution=512, rank=16, targets="attention"))
+    four = estimate(shape, dataclasses.replace(Setup(resolution=512, rank=16, targets="attention"), shards=4))
+    frozen1 = next(v for k, v in one.parts.items() if k.startswith("frozen"))
+    frozen4 = next(v for k, v in four.parts.items() if k.startswith("frozen"))
+    # 1/4 of the weights plus the two largest blocks gathered whole (a double block of FLUX.2-dev is ~1.8 GiB).
+    extra = frozen4 - frozen1 / 4
+    assert 2 * GiB < extra < 5 * GiB, extra / GiB
+    for part in ("LoRA parameters (fp32)", "LoRA gradients (fp32)", "optimizer state (adamw)"):
+        assert four.parts[part] == one.parts[part] / 4
+    act = [next(v for k, v in e.parts.items() if k.startswith("activations")) for e in (one, four)]
+    assert act[0] == act[1]  # each GPU still runs its own batch
+
+
+def test_system_optimize_names_the_gpu_count_for_sharding() -> None:
+    res = run_cli("system", "optimize", "--preset", "character", "--model", "black-forest-labs/FLUX.2-dev",
+                  "--gpu-memory", "23.6")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if "distributed.strategy: fsdp" in ln)
+    n, each = int(line.split(" with ")[1].split()[0]), float(line.split("GPUs: ")[-1].split()[0])
+    assert n in (2, 4, 8, 16) and each <= 23.6
