@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .memory import Estimate, GiB, ModelShape, Setup, estimate, human_count, model_shape
+from .memory import Estimate, GiB, ModelShape, Setup, estimate, human_bytes, human_count, model_shape
 
 # (name, GiB that torch reports as total memory)
 COMMON_GPUS = [("24 GB (RTX 4090)", 23.6), ("32 GB (RTX 5090)", 31.4), ("48 GB (L40S, A6000)", 44.4),
@@ -95,12 +95,19 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
     shape = model_shape(recipe.model.name_or_path)
     setup = Setup.from_recipe(recipe, on_gpu=True)
     est = estimate(shape, setup)
+    other = estimate(shape, dataclasses.replace(setup, gradient_checkpointing=not setup.gradient_checkpointing,
+                                                checkpoint_every=1))  # fmt: skip
+    act = {e is est: v for e in (est, other) for k, v in e.parts.items() if k.startswith("activations")}
+    on, off = (act[True], act[False]) if setup.gradient_checkpointing else (act[False], act[True])
+    table = est.table().splitlines()
+    row = next(i for i, ln in enumerate(table) if ln.startswith("  activations"))
+    table.insert(row + 1, f"    (checkpointing every block: {human_bytes(on)}; no checkpointing: {human_bytes(off)})")
     lines = [
         f"model {shape.name} (FLUX.2 {shape.family}): {human_count(est.params['frozen'])} transformer parameters, "
         f"LoRA rank {setup.rank} on {setup.targets}: {human_count(est.params['lora'])} trainable",
         f"one training process, {setup.resolution}px, batch {setup.batch_size}, {setup.text_tokens} text tokens, "
         f"{setup.dtype} weights (text encoder and VAE sizes: {shape.counted}):",
-        est.table(),
+        *table,
     ]
     enc = sum(est.cache_stage.values()) / GiB + 0.5
     targets = [(f"this GPU ({gpu_gib:.1f} GiB)", gpu_gib)] if gpu_gib else COMMON_GPUS

@@ -114,6 +114,10 @@ def test_system_optimize_prints_the_breakdown_and_what_to_change(tiny_dev: Path)
     assert "this GPU (139.8 GiB): training fits" in res.stdout
     for part in ("frozen transformer weights (bf16)", "LoRA gradients", "optimizer state (adamw)", "activations"):
         assert part in res.stdout
+    with_ckpt, without = (
+        float(x.split()[0]) for x in res.stdout.split("(checkpointing every block: ")[1].split("; no checkpointing: ")
+    )  # both activation figures, GiB
+    assert without > 10 * with_ckpt
     # Too small a GPU: the changes in order, each with its new total, and an honest end when nothing fits.
     res = run_cli("system", "optimize", "--preset", "tiny", "--model.gradient_checkpointing", "false",
                   "--training.batch_size", "4", "--gpu-memory", "0.0001")  # fmt: skip
