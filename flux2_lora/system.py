@@ -11,6 +11,7 @@ The optimize numbers come from `memory.estimate` (the real model config on the m
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +510,6 @@ def cmd_gpu(argv: list[str]) -> int:
     """Live GPU memory. No visible CUDA GPU is information, not an error: one line (or JSON with an empty list), 0."""
     import json
     import sys
-    import time
 
     from .cli import CliError, _parse
 

@@ -146,16 +146,13 @@ def test_gpu_watch_refreshes_until_ctrl_c_and_exits_0(
     capsys: pytest.CaptureFixture[str], two_gpus: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sleeps: list[float] = []
-    real = time.sleep
 
-    def sleep(s: float) -> None:  # the command's sleeps; other threads (left by earlier tests) sleep for real
-        if threading.current_thread() is not threading.main_thread():
-            return real(s)
+    def sleep(s: float) -> None:  # only the command's own waits (system.time), not other code's time.sleep
         sleeps.append(s)
         if len(sleeps) == 2:
             raise KeyboardInterrupt  # Ctrl-C during the second wait
 
-    monkeypatch.setattr(time, "sleep", sleep)
+    monkeypatch.setattr(system, "time", SimpleNamespace(sleep=sleep, strftime=time.strftime))
     rc, out, err = run_main(capsys, "system", "gpu", "--watch", "0.5")
     assert rc == 0 and err == ""
     assert sleeps == [0.5, 0.5]
