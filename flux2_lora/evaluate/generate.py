@@ -288,12 +288,18 @@ class Evaluator:
     # -- text encoder stage ----------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompt embeddings for every distinct prompt (and the empty prompt), then the text encoder is freed."""
+        from ..data.cache import open_text_encoder, place_text_encoder
         from ..flow import encode_prompts
-        from ..model import encoder_dtype, free, load_text_encoder
+        from ..model import encoder_dtype, free
 
         distinct = list(dict.fromkeys(["", *prompts]))
-        text_encoder, tokenizer = load_text_encoder(self.src, encoder_dtype(_dtype_name(self.dtype), self.device))
-        text_encoder.to(self.device)
+        # Placed and quantized as the run's recipe says (model.text_encoder_device / text_encoder_quantize), so an
+        # evaluation fits wherever its training's cache stage did.
+        model = self.recipe.model if self.recipe is not None else None
+        where, quantize = getattr(model, "text_encoder_device", "auto"), getattr(model, "text_encoder_quantize", "none")
+        dtype = encoder_dtype(_dtype_name(self.dtype), self.device)
+        run_on = place_text_encoder(where, self.src, self.device, dtype, quantize, self.gen.max_sequence_length)
+        text_encoder, tokenizer = open_text_encoder(self.src, dtype, run_on, quantize)
         out: dict[str, torch.Tensor] = {}
         for i in tqdm(range(0, len(distinct), 8), desc="eval: prompts", unit="batch", leave=False):
             batch = distinct[i : i + 8]

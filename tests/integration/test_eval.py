@@ -387,3 +387,26 @@ def test_cli_select_best_needs_checkpoints(tmp_path: Path) -> None:
     res = run_cli("eval", "select-best", "--run", str(tmp_path))
     assert res.returncode == 2
     assert f"--run: {tmp_path} has no checkpoints/step-N/lora.safetensors" in _one_line(res.stderr)
+
+
+def test_prompts_are_encoded_as_the_runs_recipe_places_and_quantizes_the_text_encoder(
+    run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from flux2_lora.evaluate.commands import _checkpoints
+    from flux2_lora.evaluate.generate import Evaluator
+
+    int8_run = tmp_path / "int8-run"
+    shutil.copytree(run, int8_run, ignore=shutil.ignore_patterns("cache", "logs", "samples"))
+    recipe = (int8_run / "recipe.yaml").read_text()
+    assert "text_encoder_quantize: none" in recipe
+    (int8_run / "recipe.yaml").write_text(recipe.replace("text_encoder_quantize: none", "text_encoder_quantize: int8"))
+    prompt = "sks a red circle on a blue background"
+    emb = {}
+    for name, folder in (("none", run), ("int8", int8_run)):
+        ev = Evaluator(_checkpoints([str(folder / "checkpoints" / "step-4")], None), device="cpu", steps=2, size=32)
+        assert ev.recipe is not None and ev.recipe.model.text_encoder_quantize == name
+        emb[name] = ev.encode([prompt])[prompt].float()
+    rel = ((emb["int8"] - emb["none"]).norm() / emb["none"].norm()).item()
+    assert 0 < rel < 0.03, rel  # int8 weights: close to full precision, and not the same computation
