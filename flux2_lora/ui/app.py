@@ -10,6 +10,7 @@ exit. Every path typed in the page must lie inside a `--root` folder (default: t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shlex
@@ -89,6 +90,17 @@ def _extra(text: str | None) -> list[str]:
         raise UiError(f"extra flags: {e}") from None
 
 
+def _check_recipe_paths(recipe: Any, roots: Roots) -> None:
+    """The recipe fields that read or write the user's files stay inside the roots too, whatever "more flags"
+    said. (A model folder may lie anywhere: it is only read, and usually sits in the hub cache.)"""
+    roots.resolve(recipe.output.dir, "output.dir", must_exist=False)
+    roots.resolve(recipe.data.dataset, "data.dataset", must_exist=False, allow_builtin=True)
+    for field, value in (("lora.init_from", recipe.lora.init_from),
+                         ("validation.clip_weights", getattr(recipe.validation, "clip_weights", None))):  # fmt: skip
+        if value:
+            roots.resolve(value, field)
+
+
 def _job_state(job: Job | None) -> str:
     if job is None:
         return "no job yet"
@@ -115,7 +127,7 @@ def _progress_html(fraction: float, text: str) -> str:
 def build_app(roots: Roots, state_dir: Path) -> Any:
     import gradio as gr
 
-    jobs = JobManager(state_dir)
+    jobs = JobManager(state_dir, cwd=str(roots.folders[0]))
     work = state_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     sample_choices = ["builtin:sample"]
@@ -239,7 +251,8 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                     argv += ["--data.dataset", roots.resolve(dataset, "dataset", allow_builtin=True)]
                     out = roots.resolve(output, "output", must_exist=False)
                     argv += ["--output.dir", out, *_overrides(list(values)), *_extra(extra)]
-                    parse_train(argv)  # the same one-line recipe errors as the CLI, before anything starts
+                    recipe, _ = parse_train(argv)  # the same one-line recipe errors as the CLI, before anything starts
+                    _check_recipe_paths(recipe, roots)
                     if Path(out, "checkpoints", "latest").exists():
                         argv += ["--resume", "latest"]
                     job = jobs.start("train", argv, out, label=Path(out).name)
@@ -430,11 +443,23 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                         args += ["--concurrent", str(int(concurrent or 1)), "--gpus-per-trial", str(gpus or 0)]
                         if (space or "").strip():
                             args += ["--space", roots.resolve(space, "search space")]
-                        args += _extra(extra)
+                        from ..tune import split_argv
+
+                        ours, rest = split_argv(_extra(extra))
+                        for flag in ("--output", "--space", "--storage"):
+                            if any(a.partition("=")[0] == flag for a in ours):
+                                raise UiError(f"more flags: {flag} is set by the form's fields here")
+                        recipe, _ = parse_train(
+                            ["--preset", preset, "--dataset", args[args.index("--dataset") + 1], *rest]
+                        )
+                        _check_recipe_paths(
+                            dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, dir=out)), roots
+                        )
+                        args += [*ours, *rest]
                         if Path(out, "sweep.json").exists():
                             raise UiError(f"output: {out} already holds a sweep; press Resume or choose another")
                     job = jobs.start("tune", args, out, label=Path(out).name)
-                except (UiError, CliError, ValueError) as e:
+                except (UiError, CliError, RecipeError, ValueError) as e:
                     return gr.skip(), _error(e)
                 return job.id, f"started {job.kind} job {job.id}: writes to `{job.output}`"
 

@@ -87,7 +87,8 @@ class Job:
 class JobManager:
     """Starts, stops and finds jobs. One instance per app; the records outlive it."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, cwd: str | None = None):
+        self.cwd = cwd  # where jobs run: relative paths in their flags mean the same as in the app
         self.dir = Path(state_dir) / "jobs"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -149,8 +150,9 @@ class JobManager:
         return job
 
     # -- actions
-    def start(self, kind: str, args: list[str], output: str, label: str = "", **extra: Any) -> Job:
-        """Run `flux2-lora KIND ARGS` writing to `output`; UiError when another job writes there."""
+    def start(self, kind: str, args: list[str], output: str, label: str = "", cwd: str | None = None,
+              **extra: Any) -> Job:  # fmt: skip
+        """Run `flux2-lora KIND ARGS` in `cwd`, writing to `output`; UiError when another job writes there."""
         out = Path(output).resolve()
         for other in self.all():
             if other.running and Path(other.output).resolve() == out:
@@ -167,7 +169,13 @@ class JobManager:
             fh.write(("$ flux2-lora " + " ".join([kind, *args]) + "\n").encode())
             fh.flush()
             proc = subprocess.Popen(
-                argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd or self.cwd,
+                start_new_session=True,
             )
         self._procs[job_id] = proc
         job = Job(job_id, kind, argv, str(out), str(log), proc.pid, time.time(), _start_time(proc.pid), label=label,

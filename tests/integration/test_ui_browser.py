@@ -150,6 +150,10 @@ def test_training_tab_runs_the_tiny_model_to_the_end_with_live_progress(app: dic
     _fill(page, "tr-output", str(out))
     for name, value in {"max-steps": "40", "every-n-steps": "10", "checkpoint-every": "20", "log-every": "2"}.items():
         _fill(page, f"tr-{name}", value)
+    _fill(page, "tr-extra", "--output.dir /tmp/elsewhere")  # a flag cannot take the run out of the roots
+    page.locator("#tr-start").click()
+    expect(page.locator("#tr-message")).to_contain_text("output.dir: /tmp/elsewhere is outside the folders")
+    _fill(page, "tr-extra", "")
     page.locator("#tr-start").click()
     expect(page.locator("#tr-status")).to_contain_text("running")
     # Two jobs never write one folder.
@@ -227,6 +231,11 @@ def test_optimization_tab_refuses_an_output_outside_the_roots(app: dict[str, Any
     page.locator("#op-start").click()
     expect(page.locator("#op-message")).to_contain_text("output: /tmp/not-allowed-sweep is outside the folders")
     assert not Path("/tmp/not-allowed-sweep").exists()
+    _fill(page, "op-output", str(app["root"] / "sweeps" / "refused"))
+    _fill(page, "op-extra", "--space /etc/passwd")
+    page.locator("#op-start").click()
+    expect(page.locator("#op-message")).to_contain_text("more flags: --space is set by the form's fields")
+    _fill(page, "op-extra", "")
     page.screenshot(path=str(SHOTS / "optimization.png"), full_page=True)  # the sweep test replaces it
 
 

@@ -210,3 +210,22 @@ def test_public_bind_needs_auth_and_auth_must_be_well_formed(
     f = tmp_path / "users"
     f.write_text("# team\nana:s3cret\nbo:pw\n")
     assert read_auth(None, str(f)) == [("ana", "s3cret"), ("bo", "pw")]
+
+
+def test_recipe_flags_cannot_point_outside_the_roots(tmp_path: Path, tiny_dev: Path) -> None:
+    from flux2_lora.cli import parse_train
+    from flux2_lora.ui.app import _check_recipe_paths
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "x.safetensors").write_bytes(b"")  # the recipe checks existence; the roots check comes on top
+    roots = Roots.of([root])
+    ok, _ = parse_train(["--preset", "tiny", "--output.dir", str(root / "run")])
+    _check_recipe_paths(ok, roots)
+    for flags, field in ((["--output.dir", str(outside / "run")], "output.dir"),
+                         (["--data.dataset", str(outside)], "data.dataset"),
+                         (["--lora.init_from", str(outside / "x.safetensors")], "lora.init_from")):  # fmt: skip
+        recipe, _ = parse_train(["--preset", "tiny", "--output.dir", str(root / "run"), *flags], need_data=False)
+        with pytest.raises(UiError, match=f"{field}: .*outside the folders"):
+            _check_recipe_paths(recipe, roots)
