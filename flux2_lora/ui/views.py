@@ -136,7 +136,7 @@ def run_view(out: Path, plot_dir: Path | None = None) -> RunView:
             loss_plot(out / "metrics.jsonl", png)
         v.loss_png = str(png) if png.exists() else None
     grids = sorted((out / "samples").glob("step-*-grid.png"))
-    v.samples = [(str(p), p.stem.replace("-grid", "").replace("step-", "step ")) for p in grids[-4:]]
+    v.samples = [(str(p), p.stem.replace("-grid", "").replace("step-", "step ")) for p in reversed(grids[-4:])]
     v.checkpoints = checkpoints(out)
     if (out / "lora.safetensors").exists():
         v.lora = str(out / "lora.safetensors")
