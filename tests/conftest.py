@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +42,15 @@ def sample_data(home: Path) -> Path:
     from flux2_lora.data.sample import make_sample_dataset
 
     return make_sample_dataset(home / "data" / "sample")
+
+
+def first_images(sample_data: Path, dest: Path, n: int) -> Path:
+    """A small dataset: the first `n` sample images with their captions, copied into `dest` (a short cache stage)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for image in sorted(sample_data.glob("*.png"))[:n]:
+        for f in (image, image.with_suffix(".txt")):
+            shutil.copy(f, dest / f.name)
+    return dest
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ commands (export, export --merge, lora inspect, train --init-lora) answer bad in
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from flux2_lora import interop
-from tests.conftest import run_cli
+from tests.conftest import first_images, run_cli
 from tests.support.loras import make_random_lora, malicious_pickle
 
 # Largest per-pixel difference (images in [0, 1]) between the original LoRA's image and an exported layout's or the
@@ -131,10 +130,7 @@ def test_a_run_started_from_a_lora_starts_at_its_loss(
     from flux2_lora.train import Trainer
 
     kohya = interop.write_lora(interop.load_lora(lora_path), tmp_path / "kohya.safetensors", "kohya")
-    mini = tmp_path / "mini"  # three images: a short cache stage
-    mini.mkdir()
-    for f in sorted(sample_data.iterdir())[:6]:
-        shutil.copy(f, mini / f.name)
+    mini = first_images(sample_data, tmp_path / "mini", 3)
     recipe, _ = parse_train(
         ["--preset", "tiny", "--output", str(tmp_path / "run"), "--init-lora", str(kohya), "--rank", "4",
          "--dataset", str(mini), "--data.holdout", "1",

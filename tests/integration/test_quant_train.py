@@ -9,7 +9,6 @@ its LoRA equals the run without swapping bit for bit.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from flux2_lora.cli import parse_train
 from flux2_lora.train import Trainer
+from tests.conftest import first_images
 
 LOSS_TOL = 0.01  # max |loss_int8 - loss_fp32| per logged step; observed below 1e-3 on this model
 STEPS = 6
@@ -29,10 +29,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
-    folder = tmp_path_factory.mktemp("mini")  # four images: a short cache stage
-    for f in sorted(sample_data.iterdir())[:8]:
-        shutil.copy(f, folder / f.name)
-    return folder
+    return first_images(sample_data, tmp_path_factory.mktemp("mini"), 4)
 
 
 def _run(out: Path, data: Path, *extra: str) -> tuple[Trainer, list[float]]:

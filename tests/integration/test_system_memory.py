@@ -22,7 +22,6 @@ GPU it stays in host memory.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from flux2_lora.cli import parse_train
 from flux2_lora.memory import Setup, TensorMemory, estimate, model_shape
 from flux2_lora.train import Trainer
+from tests.conftest import first_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 TOLERANCE = 0.25  # the bound: |estimate - measured| <= 25% of measured
@@ -42,10 +42,7 @@ TOLERANCE = 0.25  # the issue's bound: |estimate - measured| <= 25% of measured
 def test_optimize_estimate_is_within_25_percent_of_a_measured_cpu_training_peak(
     tmp_path: Path, tiny_dev: Path, sample_data: Path
 ) -> None:
-    data = tmp_path / "data"  # four images: a short cache stage
-    data.mkdir()
-    for f in sorted(sample_data.iterdir())[:8]:
-        shutil.copy(f, data / f.name)
+    data = first_images(sample_data, tmp_path / "data", 4)
     recipe, _ = parse_train(
         ["--preset", "tiny", "--output", str(tmp_path / "run"), "--dataset", str(data), "--data.holdout", "1",
          "--steps", "3", "--validation.prompts", "[]", "--validation.every_n_steps", "0",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from flux2_lora.data.folder import DataError
 from flux2_lora.memory import GiB, text_encoder_bytes
 from flux2_lora.model import ModelError, resolve_model
 from flux2_lora.quant import QuantizationError
+from tests.conftest import first_images
 
 # Relative L2 error ||e_int8 - e_fp32|| / ||e_fp32|| of each prompt's embedding. Observed 0.005-0.008 on the tiny
 # dev and klein encoders (bf16 weights instead of fp32 differ by ~0.011, for comparison).
@@ -205,10 +205,7 @@ def test_a_cache_made_with_an_int8_text_encoder_on_the_cpu_trains(
     from flux2_lora.cli import main, parse_train
     from flux2_lora.train import Trainer
 
-    data = tmp_path / "mini"
-    data.mkdir()
-    for f in sorted(sample_data.iterdir())[:8]:  # four images with captions
-        shutil.copy(f, data / f.name)
+    data = first_images(sample_data, tmp_path / "mini", 4)
     flags = ["--preset", "tiny", "--model.text_encoder_quantize", "int8", "--model.text_encoder_device", "cpu"]
     cache = tmp_path / "cache"
     assert main(["data", "cache", *flags, "--dataset", str(data), "--output", str(cache)]) == 0
