@@ -130,7 +130,12 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
     jobs = JobManager(state_dir, cwd=str(roots.folders[0]))
     work = state_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    sample_choices = ["builtin:sample"]
+    image_folders = roots.folders_with("images")  # walked once for the three dataset pickers
+
+    def picker(choices: list[str], label: str, elem_id: str, scale: int | None = None) -> Any:
+        """A folder picker: the folders found under the roots, any other path typed (checked when used)."""
+        value = choices[0] if choices and choices[0].startswith("builtin:") else None
+        return gr.Dropdown(choices, value=value, label=label, allow_custom_value=True, scale=scale, elem_id=elem_id)
 
     with gr.Blocks(title="flux2-lora") as app:
         gr.Markdown(f"## flux2-lora\nFolders this app may use: `{roots.describe()}`")
@@ -142,10 +147,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         # ------------------------------------------------------------------------------------------- Dataset
         with gr.Tab("Dataset", id="dataset"):
             with gr.Row():
-                ds_path = gr.Dropdown(
-                    roots.folders_with("images"), label="Dataset folder", allow_custom_value=True, scale=4,
-                    elem_id="ds-path",
-                )  # fmt: skip
+                ds_path = picker(image_folders, "Dataset folder", "ds-path", scale=4)
                 ds_min_res = gr.Number(value=256, label="Smallest short side (px)", elem_id="ds-min-res", min_width=140)
                 ds_check = gr.Button("Check", variant="primary", elem_id="ds-check")
             with gr.Row():
@@ -203,10 +205,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 tr_preset = gr.Dropdown(presets(), value="tiny", label="Preset", elem_id="tr-preset")
                 tr_config = gr.Textbox(label="Recipe file (instead of the preset)", elem_id="tr-config")
             with gr.Row():
-                tr_dataset = gr.Dropdown(
-                    sample_choices + roots.folders_with("images"), value="builtin:sample", label="Dataset",
-                    allow_custom_value=True, elem_id="tr-dataset",
-                )  # fmt: skip
+                tr_dataset = picker(["builtin:sample", *image_folders], "Dataset", "tr-dataset")
                 tr_output = gr.Textbox(
                     value=str(roots.folders[0] / "runs" / "ui"), label="Output folder", elem_id="tr-output"
                 )
@@ -298,10 +297,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         # ---------------------------------------------------------------------------------------- Evaluation
         with gr.Tab("Evaluation", id="evaluation"):
             with gr.Row():
-                ev_run = gr.Dropdown(
-                    roots.folders_with("run"), label="Training run", allow_custom_value=True, scale=4,
-                    elem_id="ev-run",
-                )  # fmt: skip
+                ev_run = picker(roots.folders_with("run"), "Training run", "ev-run", scale=4)
                 ev_refresh = gr.Button("Refresh", elem_id="ev-refresh")
             ev_ckpts = gr.CheckboxGroup([], label="Checkpoints", elem_id="ev-ckpts")
             with gr.Row():
@@ -404,10 +400,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         with gr.Tab("Optimization", id="optimization"):
             with gr.Row():
                 op_preset = gr.Dropdown(presets(), value="tiny", label="Preset", elem_id="op-preset")
-                op_dataset = gr.Dropdown(
-                    sample_choices + roots.folders_with("images"), value="builtin:sample", label="Dataset",
-                    allow_custom_value=True, elem_id="op-dataset",
-                )  # fmt: skip
+                op_dataset = picker(["builtin:sample", *image_folders], "Dataset", "op-dataset")
                 op_output = gr.Textbox(value=str(roots.folders[0] / "sweeps" / "ui"), label="Output folder",
                                        elem_id="op-output")  # fmt: skip
             with gr.Row():
