@@ -235,6 +235,14 @@ def resolve_resume(spec: str, checkpoints_root: Path) -> Path | None:
     return path
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json (step, data position, recipe), without loading any tensor."""
+    try:
+        return dict(json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--resume: {path}/state.json cannot be read ({e})") from None
+
+
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

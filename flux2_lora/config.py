@@ -122,9 +122,9 @@ class DataArgs:
     """Images held out from training for the fixed-seed validation loss (0: use training images)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes reading cached shards. `auto`: none when training on the CPU (the step needs
-    every core and a cached read is cheap), else up to 4 per GPU process. A resume keeps the checkpoint's number."""
+    every core and a cached read is cheap), else up to 4 per GPU process. It does not change the data order."""
     shuffle_buffer: int = 256
-    """Samples held in each worker's shuffle buffer."""
+    """Unused: an epoch is a full shuffle of the global batches (data/stream.py). Accepted so older recipes parse."""
 
 
 @dataclass

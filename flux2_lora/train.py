@@ -9,7 +9,6 @@ The multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3) is applied in one pl
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from .data.cache import (
     settings_for,
 )
 from .data.folder import DataError
-from .data.stream import CachedBatches, auto_workers, batches_per_rank, collate
+from .data.stream import CachedSamples, GlobalBatches, RankBatchSampler, auto_workers, collate, describe
 from .distributed import is_sharded, make_accelerator, optimizer_state, plain_loading, trainable_state, whole
 from .evaluate.callback import TrainingQuality
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
@@ -62,6 +61,10 @@ from .sampling import render_samples
 from .swap import BlockSwapper, attach_block_swap
 
 log = logging.getLogger("flux2_lora")
+
+
+# Version of the data order (data/stream.py): a checkpoint with another one resumes, but not bitwise.
+DATA_ORDER = 2
 
 
 @dataclass
@@ -123,6 +126,8 @@ class Trainer:
         # The multi-process strategy (DDP, FSDP2, ZeRO) is chosen and applied here, in one place.
         self.accelerator, self.strategy = make_accelerator(recipe, mp, trackers, str(self.out))
         self.is_main = self.accelerator.is_main_process
+        # One optimizer step trains one global batch of this many samples, however many processes share it.
+        self.global_batch = t.batch_size * self.accelerator.num_processes * t.gradient_accumulation
         self.device = self.accelerator.device
         self.pin = self.device.type == "cuda"  # pinned host batches: asynchronous copies to the GPU
         # Called with (step, validation loss) after every validation, e.g. by `flux2-lora tune` to report to Ray.
@@ -147,6 +152,7 @@ class Trainer:
         self.src: ModelSource = resolve_model(r.model)
         # A quantization or block swap that cannot run here stops now, before the cache stage.
         check_quantize(r.model.quantize, self.device)
+        self._check_resume()
         if r.model.blocks_to_swap and acc.num_processes > 1:
             raise ModelError("model.blocks_to_swap: works with one training process only in this version (set it to 0)")
         self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
@@ -185,6 +191,9 @@ class Trainer:
                 quantize=r.model.quantize,
                 keep_on_host=r.model.blocks_to_swap,
             )
+        # The LoRA's initial weights come from the seed alone, whatever the cache stage did with the global RNG
+        # (building a cache and reusing one must give the same run).
+        torch.manual_seed(r.training.seed)
         self.lora_config = add_lora(
             self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
         )
@@ -219,37 +228,23 @@ class Trainer:
                 + (f": {sharded} of {len(tensors)} parameter tensors sharded (DTensor)" if sharded else "")
             )
 
-        # Data: cached shards streamed by a DataLoader, split by rank and worker, one bucket per batch.
-        self.train_data = CachedBatches(
-            self.index, r.training.batch_size, r.training.seed, acc.process_index, acc.num_processes,
-            r.data.shuffle_buffer,
-        )  # fmt: skip
-        self.num_workers = self._num_workers()
-        self.loader = DataLoader(
-            self.train_data,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin,
-            # Its own generator: each iter() of a DataLoader draws a worker seed, which must not come from
-            # torch's global RNG (LoRA dropout uses that one, and a resume starts iterating mid-epoch).
-            generator=torch.Generator().manual_seed(r.training.seed),
-        )
-        counts = batches_per_rank(self.index, r.training.batch_size, acc.num_processes, self.num_workers)
-        self.batches_per_epoch = max(counts) * r.data.repeats
-        if self.batches_per_epoch == 0:
+        # Data: global batches of batch x processes x accumulation, one bucket each, whatever the process count;
+        # this rank reads only its slice of each (random access into the cached shards, see data/stream.py).
+        t = r.training
+        world = acc.num_processes
+        self.plan = GlobalBatches(self.index, self.global_batch, t.seed, r.data.repeats)
+        if self.plan.num_samples == 0:
             raise DataError(f"data.dataset: {r.data.dataset} has no training samples after the holdout")
-        if min(counts) < max(counts):
-            self._print(
-                f"data  batches per rank differ ({min(counts)}..{max(counts)}): shorter ranks take zero-weight steps; "
-                "write at least (processes x workers) shards of similar size to avoid it"
-            )
+        self.num_workers = self._num_workers()
+        self._print(describe(self.plan, t.batch_size, world, t.gradient_accumulation))
         self.guidance = (
             torch.full((1,), r.training.guidance_scale, device=self.device)
             if self.transformer.config.guidance_embeds
             else None
         )
         self.state = TrainState()
+        self._start_step = 0  # the step this process started (or resumed) at
+        self._printed_division: list[int] | None = None  # the last per-rank sample counts printed
         self.callbacks: dict[str, Any] = {
             "early_stopping": EarlyStopping(r.callbacks.early_stopping_patience, r.callbacks.early_stopping_min_delta),
             "wall_clock": WallClock(r.callbacks.max_wall_time_minutes),
@@ -267,14 +262,10 @@ class Trainer:
         self.metrics_file = self.out / "metrics.jsonl"
 
     def _num_workers(self) -> int:
-        """data.num_workers, with `auto` sized to the machine, or on a resume taken from the checkpoint."""
+        """data.num_workers, with `auto` sized to the machine (the data order does not depend on it)."""
         n = self.recipe.data.num_workers
         if n != "auto":
             return n
-        if self.resume:
-            path = ckpt.resolve_resume(self.resume, self.out / "checkpoints")
-            if path is not None:
-                return int(json.loads((path / "state.json").read_text()).get("num_workers", 0))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))  # set by torchrun
         return auto_workers(self.device.type, local)
 
@@ -298,22 +289,39 @@ class Trainer:
         acc.wait_for_everyone()
         return read_index(cache_dir)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[dict[str, Any], int, float]]:
-        """(batch, pass, weight) for one epoch: `repeats` passes over this rank's shards, then zero-weight padding."""
-        n = 0
-        last: dict[str, Any] | None = None
-        data_pass = epoch * self.recipe.data.repeats
-        for k in range(self.recipe.data.repeats):
-            data_pass = epoch * self.recipe.data.repeats + k
-            self.train_data.set_epoch(data_pass)
-            for batch in self.loader:
-                n += 1
-                last = batch
-                yield batch, data_pass, 1.0
-        pad = last if last is not None else collate(self.val_samples[:1])
-        while n < self.batches_per_epoch:
-            n += 1
-            yield pad, data_pass, 0.0
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches from the current optimizer step on, epoch after epoch (never a skipped read)."""
+        acc = self.accelerator
+        sampler = RankBatchSampler(
+            self.plan, acc.process_index, acc.num_processes, self.recipe.training.gradient_accumulation,
+            start=self.state.step,
+        )  # fmt: skip
+        loader = DataLoader(
+            CachedSamples(self.index),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin,
+            # Its own generator: each iter() of a DataLoader draws a worker seed, which must not come from
+            # torch's global RNG (LoRA dropout uses that one).
+            generator=torch.Generator().manual_seed(self.recipe.training.seed),
+        )
+        yield from loader
+
+    def _log_division(self, epoch: int, trained: int, complete: bool) -> None:
+        """Every rank's count of samples trained in the epoch, in metrics.jsonl; printed for the first epoch, when
+        the counts change and for an unfinished last epoch (a collective: every rank calls it at the same step)."""
+        counts = self.accelerator.gather(torch.tensor([trained], device=self.device)).tolist()
+        self._log({"step": self.state.step, "epoch": epoch, "samples_per_rank": counts, "epoch_complete": complete})
+        start, per_epoch = self._start_step, self.plan.steps_per_epoch
+        since_resume = start // per_epoch == epoch and start % per_epoch != 0
+        if counts == self._printed_division and complete and not since_resume:
+            return
+        self._printed_division = counts if complete and not since_resume else None
+        total = self.plan.num_samples * self.recipe.data.repeats
+        note = (", counted since the resume" if since_resume else "") + ("" if complete else ", epoch not finished")
+        ranks = f"per rank {', '.join(map(str, counts))}" if len(counts) > 1 else "on 1 process"
+        self._print(f"epoch {epoch}: samples trained {ranks} ({sum(counts)} of {total}{note})")
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> Path | None:
@@ -336,94 +344,102 @@ class Trainer:
         loss_count = torch.zeros((), device=self.device)  # finite optimizer steps in the logging window
         self._bad: list[torch.Tensor] = []  # per-step "update skipped" flags not yet read by the host
         last_log, last_log_step = time.perf_counter(), self.state.step
-        micro = self.state.step * accum  # micro-batches consumed so far: the data position
+        # The data position is the optimizer step: this rank's micro-batches start there (see data/stream.py).
+        self._start_step = self.state.step
+        self._printed_division = None
+        epoch, epoch_trained = self.state.step // self.plan.steps_per_epoch, 0
+        batches = self._batches()
         stop_reason = ""
         while self.state.step < t.max_steps and not stop_reason:
-            epoch, skip = divmod(micro, self.batches_per_epoch)
-            for batch, data_pass, weight in itertools.islice(self._epoch_batches(epoch), skip, None):
-                micro += 1
-                latents, embeds, sigmas, noise = self._draw(batch, data_pass)
-                n = len(latents)
-                img_ids, txt_ids = self._position_ids(latents, embeds)
-                with acc.accumulate(self.model):
-                    # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
-                    loss = flow_loss(
-                        self.model,
-                        latents.to(self.device, non_blocking=True),
-                        embeds.to(self.device, non_blocking=True),
-                        sigmas.to(self.device, non_blocking=True),
-                        noise.to(self.device, non_blocking=True),
-                        img_ids,
-                        txt_ids,
-                        self.guidance.expand(n) if self.guidance is not None else None,
-                        t.loss_weighting,
-                    )
-                    if weight != 1.0:  # padding step of a rank whose shards ran out: no gradient
-                        loss = loss * weight
-                    acc.backward(loss)
-                    step_loss += loss.detach()
-                    if acc.sync_gradients:
-                        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        if self.strategy.startswith("zero"):
-                            # DeepSpeed clipped and stepped inside acc.backward: the guard can count, not skip.
-                            grad_norm = torch.as_tensor(
-                                float(self.model.get_global_grad_norm() or 0.0), device=self.device
-                            )
-                            bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
-                        else:
-                            grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))
-                            # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
-                            # processes so that all take the same decision); the host reads it when it logs.
-                            bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
-                            self._step_unless(bad)
-                            self.optimizer.zero_grad(set_to_none=True)
-                if not acc.sync_gradients:
-                    continue
-                # ---- one optimizer step is done: schedule, guard, log, validate, checkpoint ----
-                self.lr_scheduler.step()
-                self.state.step += 1
-                step = self.state.step
-                bar.update(1)
-                good = (~bad).float()
-                loss_sum += good * step_loss.nan_to_num(0.0, 0.0, 0.0) / accum
-                loss_count = loss_count + good
-                step_loss.zero_()
-                self._bad.append(bad)
-                logging_now = step % r.logging.log_every == 0 or step == t.max_steps
-                checkpoint_now = bool(r.output.checkpoint_every) and step % r.output.checkpoint_every == 0
-                if logging_now or checkpoint_now:
-                    stop_reason = self._check_nonfinite(step)
-                if logging_now:
-                    now = time.perf_counter()
-                    mean_loss = acc.reduce(loss_sum / loss_count.clamp(min=1), reduction="mean").item()
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    self._log(
-                        {
-                            "step": step,
-                            "loss": mean_loss,
-                            "lr": lr,
-                            "grad_norm": float(grad_norm),
-                            "epoch": epoch,
-                            "steps_per_s": (step - last_log_step) / max(now - last_log, 1e-9),
-                        }
-                    )
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                    loss_sum.zero_()
-                    loss_count.zero_()
-                    last_log, last_log_step = now, step
-                if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
-                    val = self.validate_and_sample()
-                    stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
-                # Time limit or a scheduler's signal on any process: every process stops at the same step.
-                reason, self.interrupted = self.vote.update(
-                    self.signals.update(step), self.callbacks["wall_clock"].update(step)
+            batch = next(batches)
+            epoch_trained += batch["trained"]
+            latents, embeds, sigmas, noise = self._draw(batch)
+            n = len(latents)
+            img_ids, txt_ids = self._position_ids(latents, embeds)
+            with acc.accumulate(self.model):
+                # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
+                per_sample = flow_loss(
+                    self.model,
+                    latents.to(self.device, non_blocking=True),
+                    embeds.to(self.device, non_blocking=True),
+                    sigmas.to(self.device, non_blocking=True),
+                    noise.to(self.device, non_blocking=True),
+                    img_ids,
+                    txt_ids,
+                    self.guidance.expand(n) if self.guidance is not None else None,
+                    t.loss_weighting,
+                    reduce=False,
                 )
-                stop_reason = stop_reason or reason
-                if step == t.max_steps or stop_reason:
-                    break
-                if checkpoint_now:
-                    self.save_checkpoint()
+                # Weighted so that the gradient, averaged over processes, is the global batch's mean (stream.py);
+                # a zero weight (an empty slot of a short global batch) adds nothing.
+                loss = (per_sample * batch["weights"].to(self.device, non_blocking=True)).sum()
+                acc.backward(loss)
+                step_loss += loss.detach()
+                if acc.sync_gradients:
+                    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                    if self.strategy.startswith("zero"):
+                        # DeepSpeed clipped and stepped inside acc.backward: the guard can count, not skip.
+                        grad_norm = torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0), device=self.device)
+                        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
+                    else:
+                        grad_norm = whole(acc.clip_grad_norm_(self.trainable, max_norm))
+                        # Skip the update on a NaN/inf loss or gradient, decided on the device (reduced over
+                        # processes so that all take the same decision); the host reads it when it logs.
+                        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(acc.reduce(step_loss)))
+                        self._step_unless(bad)
+                        self.optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            # ---- one optimizer step is done: schedule, guard, log, validate, checkpoint ----
+            self.lr_scheduler.step()
+            self.state.step += 1
+            step = self.state.step
+            bar.update(1)
+            good = (~bad).float()
+            loss_sum += good * step_loss.nan_to_num(0.0, 0.0, 0.0) / accum
+            loss_count = loss_count + good
+            step_loss.zero_()
+            self._bad.append(bad)
+            logging_now = step % r.logging.log_every == 0 or step == t.max_steps
+            checkpoint_now = bool(r.output.checkpoint_every) and step % r.output.checkpoint_every == 0
+            if logging_now or checkpoint_now:
+                stop_reason = self._check_nonfinite(step)
+            if logging_now:
+                now = time.perf_counter()
+                mean_loss = acc.reduce(loss_sum / loss_count.clamp(min=1), reduction="mean").item()
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self._log(
+                    {
+                        "step": step,
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "epoch": epoch,
+                        "steps_per_s": (step - last_log_step) / max(now - last_log, 1e-9),
+                    }
+                )
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                loss_sum.zero_()
+                loss_count.zero_()
+                last_log, last_log_step = now, step
+            if step % self.plan.steps_per_epoch == 0:  # an epoch is done: how its samples were divided
+                self._log_division(epoch, epoch_trained, complete=True)
+                epoch, epoch_trained = epoch + 1, 0
+            if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
+                val = self.validate_and_sample()
+                stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
+            # Time limit or a scheduler's signal on any process: every process stops at the same step.
+            reason, self.interrupted = self.vote.update(
+                self.signals.update(step), self.callbacks["wall_clock"].update(step)
+            )
+            stop_reason = stop_reason or reason
+            if step == t.max_steps or stop_reason:
+                break
+            if checkpoint_now:
+                self.save_checkpoint()
         bar.close()
+        if self.state.step % self.plan.steps_per_epoch:  # the same on every rank: a collective is safe
+            self._log_division(epoch, epoch_trained, complete=False)
         stop_reason = stop_reason or self._check_nonfinite(self.state.step)
         if stop_reason:
             self._print(f"stopped at step {self.state.step}: {stop_reason}")
@@ -466,9 +482,7 @@ class Trainer:
             reason = reason or self.callbacks["nan_guard"].update(not bad, first + i)
         return reason
 
-    def _draw(
-        self, batch: dict[str, Any], data_pass: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, prompt embeddings, sigmas, noise) of one batch, with its flips and caption dropout.
 
         Every random draw of a sample comes from a generator seeded by (seed, data pass, sample key): a sample
@@ -478,7 +492,8 @@ class Trainer:
         d, t = self.recipe.data, self.recipe.training
         latents, embeds = batch["latents"], batch["prompt_embeds"]
         sigmas, noises = [], []
-        for j, key in enumerate(batch["keys"]):  # copy a batch tensor only when one of its samples changes
+        for j, (key, data_pass) in enumerate(zip(batch["keys"], batch["passes"], strict=True)):
+            # (a batch tensor is copied only when one of its samples changes)
             g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
             if d.random_flip and bool(torch.rand((), generator=g) < 0.5):
                 latents = latents.clone() if latents is batch["latents"] else latents
@@ -592,6 +607,9 @@ class Trainer:
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
                 "world_size": acc.num_processes,
                 "strategy": self.strategy,
+                # The data position is `step` global batches of this size (any process count may resume it).
+                "global_batch": self.global_batch,
+                "data_order": DATA_ORDER,
                 "num_workers": self.num_workers,
                 "recipe": self.recipe.to_dict(),
             }
@@ -613,6 +631,35 @@ class Trainer:
             self._print(f"checkpoint saved: {path}")
         acc.wait_for_everyone()
 
+    def _check_resume(self) -> None:
+        """Refuse, before anything is loaded, a checkpoint this run cannot continue exactly (one line each)."""
+        path = ckpt.resolve_resume(self.resume, self.out / "checkpoints") if self.resume else None
+        if path is None:
+            return
+        state = ckpt.read_state(path)
+        t = self.recipe.training
+        saved = state.get("global_batch")
+        if saved is None:  # written before the global-batch data order
+            old = state.get("recipe", {}).get("training", {})
+            saved = old.get("batch_size", 1) * state.get("world_size", 1) * old.get("gradient_accumulation", 1)
+        if saved != self.global_batch:
+            raise ckpt.CheckpointError(
+                f"--resume: {path} trained global batches of {saved} samples, this run's are {self.global_batch} "
+                f"(training.batch_size {t.batch_size} x {self.accelerator.num_processes} process(es) x "
+                f"training.gradient_accumulation {t.gradient_accumulation}); choose batch size and accumulation so "
+                f"that their product with the processes is {saved}"
+            )
+        if state.get("data_order") != DATA_ORDER:
+            self._print(
+                f"resume: {path} was written by an older version with another data order; training continues "
+                "from its weights, but not on the exact samples an uninterrupted run would have seen"
+            )
+        if state["step"] > t.max_steps:
+            raise ckpt.CheckpointError(
+                f"--resume: {path} is at step {state['step']}, past training.max_steps {t.max_steps}; "
+                "raise --steps to train further"
+            )
+
     def _restore(self, spec: str) -> None:
         path = ckpt.resolve_resume(spec, self.out / "checkpoints")
         if path is None:
@@ -620,17 +667,18 @@ class Trainer:
             return
         model = self.accelerator.unwrap_model(self.model)
         state, rng = ckpt.load_checkpoint(path, model, self.optimizer)
-        if state.get("world_size", 1) != self.accelerator.num_processes:
-            raise ckpt.CheckpointError(
-                f"--resume: {path} was written by {state.get('world_size')} processes, this run has "
-                f"{self.accelerator.num_processes}; the data position cannot carry over exactly"
-            )
-        if state.get("num_workers", self.num_workers) != self.num_workers:
-            raise ckpt.CheckpointError(
-                f"--resume: {path} was written with data.num_workers={state['num_workers']}; resume with the same "
-                "value (the data position depends on it)"
-            )
+        t = self.recipe.training
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        before = state.get("recipe", {}).get("training", {}).get("max_steps", t.max_steps)
+        if before != t.max_steps:  # extended (or shortened) run: the schedule now runs to the new last step
+            sched = self.lr_scheduler  # LambdaLR: lr = base lr x lambda(step), the lambda made for the new total
+            lrs = [base * f(sched.last_epoch) for f, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            self._print(
+                f"resume: training.max_steps {before} -> {t.max_steps}; the {t.lr_scheduler} lr schedule now ends "
+                f"at step {t.max_steps} (lr {lrs[0]:.3g} at step {state['step']})"
+            )
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
         self.state = TrainState(step=state["step"], val_history=[tuple(v) for v in state["val_history"]])  # type: ignore[misc]
@@ -642,7 +690,15 @@ class Trainer:
             lines = (self.out / "metrics.jsonl").read_text().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
             ckpt.atomic_write_text(self.out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
-        self._print(f"resumed from {path} at step {self.state.step}")
+        moved = state.get("world_size", 1) != self.accelerator.num_processes
+        self._print(
+            f"resumed from {path} at step {self.state.step}"
+            + (
+                f" (written by {state.get('world_size')} processes, continuing on {self.accelerator.num_processes})"
+                if moved
+                else ""
+            )
+        )
 
     # ------------------------------------------------------------------------------------- logging
     def _print(self, msg: str) -> None:

@@ -3,7 +3,7 @@
     python scripts/bench_data.py [--images 256] [--size 512] [--resolution 256] [--repeats 5]
 
 Raw shards are decoded and resized to their bucket as the cache stage does (PIL decode + resize +
-to_tensor); cached shards are read as training reads them (CachedBatches through a DataLoader, with 0
+to_tensor); cached shards are read as training reads them (positioned reads through a DataLoader, with 0
 and 2 workers). The model is the tiny FLUX.2-dev so the cache is cheap to build; the cached tensors have
 the tiny model's shapes, so the cached figures measure the I/O and decode path, not FLUX.2-dev's sizes.
 Prints the median of --repeats runs and the ratio to the raw path.
@@ -12,6 +12,7 @@ Prints the median of --repeats runs and the ratio to the raw path.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -27,7 +28,7 @@ from flux2_lora.data.buckets import bucket_sizes, nearest_bucket, resize_to_buck
 from flux2_lora.data.cache import build_cache, read_index, settings_for
 from flux2_lora.data.folder import scan_folder
 from flux2_lora.data.shards import iter_folder_samples, iter_raw_samples, open_image, write_raw_shards
-from flux2_lora.data.stream import CachedBatches
+from flux2_lora.data.stream import CachedSamples, GlobalBatches, RankBatchSampler, collate
 from flux2_lora.model import make_tiny_pipeline, resolve_model
 
 
@@ -53,9 +54,14 @@ def time_raw(spec: str, resolution: int) -> tuple[int, float]:
 
 
 def time_cached(root: Path, workers: int) -> tuple[int, float]:
-    ds = CachedBatches(read_index(root), batch_size=1, seed=0, shuffle_buffer=64)
+    """One epoch read as training reads it: one process's global batches, positioned reads into the shards."""
+    index = read_index(root)
+    plan = GlobalBatches(index, 1, seed=0)
+    loader = DataLoader(
+        CachedSamples(index), batch_sampler=RankBatchSampler(plan, 0, 1, 1), collate_fn=collate, num_workers=workers
+    )
     t = time.perf_counter()
-    n = sum(len(b["keys"]) for b in DataLoader(ds, batch_size=None, num_workers=workers))
+    n = sum(len(b["keys"]) for b in itertools.islice(iter(loader), plan.steps_per_epoch))
     return n, time.perf_counter() - t
 
 

@@ -2,7 +2,8 @@
 
 Output is a folder of webdataset shards that training reads as its one data path:
 
-  index.json              settings the cache was made with + every shard's samples (key, bucket)
+  index.json              settings the cache was made with + every shard's samples (key, bucket, and the byte
+                          offset and size of the sample's tensors in its shard: training reads by position)
   train-NNNNNN.tar        samples: <key>.safetensors (latents, [latents_flip], prompt_embeds) + <key>.json
   val-NNNNNN.tar          the held-out samples for the fixed-seed validation loss
   extra.safetensors       the empty-prompt embedding (caption dropout, negative prompt)
@@ -28,10 +29,11 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
@@ -106,6 +108,57 @@ def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
 class ShardInfo:
     url: str
     samples: list[tuple[str, int, int]]  # key, bucket width, bucket height
+    # Where each sample's <key>.safetensors member lies in the tar: (byte offset of its data, size in bytes).
+    offsets: list[tuple[int, int]] | None = None
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    """One cached training sample, addressable without reading its shard: `size` bytes at `offset` of `url`."""
+
+    url: str
+    key: str
+    bucket: tuple[int, int]
+    offset: int
+    size: int
+
+
+class SampleTable:
+    """Every training sample of a cache as compact arrays (a million samples take tens of MB, not a list of
+    objects per sample); `table[i]` is sample i's SampleEntry."""
+
+    def __init__(self, shards: list[ShardInfo], root: Path):
+        self.urls = [s.url for s in shards]
+        self.keys: list[str] = []
+        self.buckets: list[tuple[int, int]] = []  # distinct bucket sizes; `bucket` indexes them
+        shard, bucket, offset, size = [], [], [], []
+        ids: dict[tuple[int, int], int] = {}
+        for j, info in enumerate(shards):
+            offsets = info.offsets if info.offsets is not None else member_offsets(root / info.url, info.samples)
+            for (key, w, h), (o, n) in zip(info.samples, offsets, strict=True):
+                if (w, h) not in ids:
+                    ids[(w, h)] = len(self.buckets)
+                    self.buckets.append((w, h))
+                self.keys.append(key)
+                shard.append(j)
+                bucket.append(ids[(w, h)])
+                offset.append(o)
+                size.append(n)
+        self.shard = np.asarray(shard, dtype=np.int32)
+        self.bucket = np.asarray(bucket, dtype=np.int32)
+        self.offset = np.asarray(offset, dtype=np.int64)
+        self.size = np.asarray(size, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> SampleEntry:
+        return SampleEntry(
+            self.urls[self.shard[i]], self.keys[i], self.buckets[self.bucket[i]], int(self.offset[i]), int(self.size[i])
+        )
+
+    def __iter__(self) -> Iterator[SampleEntry]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass
@@ -114,10 +167,18 @@ class CacheIndex:
     settings: dict[str, Any]
     train: list[ShardInfo]
     val: list[ShardInfo]
+    _table: SampleTable | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_train(self) -> int:
         return sum(len(s.samples) for s in self.train)
+
+    def samples(self) -> SampleTable:
+        """Every training sample in index order, with its member offset (found from the tar headers for caches
+        made before offsets were recorded). Built once per index."""
+        if self._table is None:
+            self._table = SampleTable(self.train, self.root)
+        return self._table
 
     def extra(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / "extra.safetensors"))
@@ -135,7 +196,14 @@ def read_index(root: Path) -> CacheIndex:
         raise DataError(f"{path}: cache version {d.get('version')} is not {CACHE_VERSION}; rebuild it")
 
     def infos(key: str) -> list[ShardInfo]:
-        return [ShardInfo(s["url"], [tuple(x) for x in s["samples"]]) for s in d[key]]  # type: ignore[misc]
+        return [
+            ShardInfo(
+                s["url"],
+                [(str(x[0]), int(x[1]), int(x[2])) for x in s["samples"]],
+                [(int(x[3]), int(x[4])) for x in s["samples"]] if all(len(x) == 5 for x in s["samples"]) else None,
+            )
+            for s in d[key]
+        ]
 
     return CacheIndex(root=root, settings=d["settings"], train=infos("train"), val=infos("val"))
 
@@ -146,6 +214,28 @@ def check_settings(index: CacheIndex, expected: CacheSettings) -> None:
     diff = [f"{k}: cache has {have.get(k)!r}, recipe wants {v!r}" for k, v in want.items() if have.get(k) != v]
     if diff:
         raise DataError(f"{index.root}: stale cache ({'; '.join(diff)}); rebuild it with `flux2-lora data cache`")
+
+
+def member_offsets(path: Path, samples: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """(data offset, size) of each sample's `<key>.safetensors` member, read from the tar headers only."""
+    import tarfile
+
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.isfile() and m.name.endswith(".safetensors"):
+                    found[m.name[: -len(".safetensors")]] = (m.offset_data, m.size)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(
+            f"{path}: cannot read cached shard ({e}); rebuild the cache with `flux2-lora data cache`"
+        ) from None
+    missing = [k for k, _, _ in samples if k not in found]
+    if missing:
+        raise DataError(
+            f"{path}: sample {missing[0]!r} of the index is not in the shard; rebuild the cache with `flux2-lora data cache`"
+        )
+    return [found[k] for k, _, _ in samples]
 
 
 def decode_cached(sample: dict[str, Any]) -> dict[str, Any]:
@@ -321,8 +411,8 @@ def build_cache(
     index_json = {
         "version": CACHE_VERSION,
         "settings": settings.to_json(),
-        "train": [{"url": i.url, "samples": [list(x) for x in i.samples]} for i in shards["train"]],
-        "val": [{"url": i.url, "samples": [list(x) for x in i.samples]} for i in shards["val"]],
+        "train": [_index_entry(tmp, i) for i in shards["train"]],
+        "val": [_index_entry(tmp, i) for i in shards["val"]],
     }
     (tmp / "index.json").write_text(json.dumps(index_json))
     shutil.rmtree(out, ignore_errors=True)
@@ -359,6 +449,12 @@ def prompt_embeddings(
         os.replace(tmp, path)
     t = load_file(str(path))
     return [t[f"prompt.{j}"] for j in range(len(prompts))]
+
+
+def _index_entry(root: Path, info: ShardInfo) -> dict[str, Any]:
+    """A shard's entry in index.json: each sample as [key, bucket w, bucket h, data offset, size]."""
+    offsets = member_offsets(root / info.url, info.samples)
+    return {"url": info.url, "samples": [[*x, *o] for x, o in zip(info.samples, offsets, strict=True)]}
 
 
 def _h(text: str) -> str:

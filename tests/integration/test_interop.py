@@ -144,8 +144,8 @@ def test_a_run_started_from_a_lora_starts_at_its_loss(
     cls = pipeline_class(trainer.src)
     sd, md = cls.lora_state_dict(str(lora_path), return_lora_metadata=True)
     cls.load_lora_into_transformer(sd, transformer=ref, metadata=md)
-    batch, data_pass, _ = next(trainer._epoch_batches(0))
-    latents, embeds, sigmas, noise = trainer._draw(batch, data_pass)
+    batch = next(trainer._batches())
+    latents, embeds, sigmas, noise = trainer._draw(batch)
     img_ids, txt_ids = trainer._position_ids(latents, embeds)
     guidance = trainer.guidance.expand(len(latents)) if trainer.guidance is not None else None
     args = (latents, embeds, sigmas, noise, img_ids, txt_ids, guidance, recipe.training.loss_weighting)

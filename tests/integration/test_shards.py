@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,10 +17,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from flux2_lora.config import ModelArgs, Recipe
-from flux2_lora.data.cache import build_cache, read_index, settings_for
+from flux2_lora.data.cache import CacheIndex, build_cache, read_cached_shard, read_index, settings_for
 from flux2_lora.data.folder import DataError, scan_folder
 from flux2_lora.data.shards import iter_folder_samples, iter_raw_samples
-from flux2_lora.data.stream import CachedBatches, batches_per_rank
+from flux2_lora.data.stream import CachedSamples, GlobalBatches, RankBatchSampler, collate
 from flux2_lora.model import resolve_model
 from tests.conftest import run_cli
 
@@ -102,52 +105,87 @@ def three_shard_cache(tmp_path_factory: pytest.TempPathFactory, tiny_dev: Path, 
     return out
 
 
-def test_two_ranks_two_workers_three_shards_see_every_sample_once(three_shard_cache: Path) -> None:
+def _rank_batches(
+    index: CacheIndex, rank: int, world: int, accum: int, steps: int, workers: int = 0
+) -> list[dict[str, Any]]:
+    """A rank's micro-batches for `steps` optimizer steps of global batches of 4, through a DataLoader."""
+    plan = GlobalBatches(index, 4, seed=3)
+    loader = DataLoader(
+        CachedSamples(index),
+        batch_sampler=RankBatchSampler(plan, rank, world, accum),
+        collate_fn=collate,
+        num_workers=workers,
+    )
+    return list(itertools.islice(iter(loader), steps * accum))
+
+
+def test_ranks_and_workers_read_the_same_global_batches_as_one_process(three_shard_cache: Path) -> None:
     index = read_index(three_shard_cache)
-    assert [len(s.samples) for s in index.train] == [4, 4, 2]  # 3 shards for 2 x 2 = 4 slots: one slot is empty
-    everything = sorted(k for s in index.train for k, _, _ in s.samples)
-    for epoch in (0, 1):
-        seen: list[str] = []
-        per_rank = []
-        for rank in (0, 1):
-            ds = CachedBatches(index, batch_size=2, seed=3, rank=rank, world=2, shuffle_buffer=3)
-            ds.set_epoch(epoch)
-            batches = list(DataLoader(ds, batch_size=None, num_workers=2))
-            per_rank.append(len(batches))
-            for b in batches:
-                assert b["latents"].shape[0] == len(b["keys"]) <= 2
-                seen += b["keys"]
-        assert sorted(seen) == everything  # every sample exactly once per epoch, across ranks and workers
-        assert per_rank == batches_per_rank(index, 2, 2, 2)  # the count the loop plans with, without reading data
+    assert [len(s.samples) for s in index.train] == [4, 4, 2]  # 3 shards for 2 ranks x 2 workers
+    steps = GlobalBatches(index, 4, seed=3).steps_per_epoch * 2
+    one = _rank_batches(index, 0, 1, 1, steps)  # one process, batch 4
+    two = [_rank_batches(index, r, 2, 2, steps, workers=2) for r in (0, 1)]  # 2 processes x batch 1 x accumulation 2
+    for step in range(steps):
+        whole = one[step]
+        parts = [b for r in (0, 1) for b in two[r][step * 2 : step * 2 + 2]]
+        real = sorted(k for b in parts for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w > 0)
+        assert real == sorted(whole["keys"])
+        assert len({b["latents"].shape[1:] for b in parts} | {whole["latents"].shape[1:]}) == 1  # one bucket
+    # DataLoader workers do not change what a rank trains.
+    assert [b["keys"] for b in _rank_batches(index, 1, 2, 2, steps)] == [b["keys"] for b in two[1]]
 
 
-def test_persistent_workers_follow_the_epoch(three_shard_cache: Path) -> None:
-    # Workers started once (persistent) must see set_epoch() of the main process: the same batches per epoch
-    # as workers started afresh for each epoch.
+def test_a_rank_reads_only_its_own_samples_at_their_offsets(
+    three_shard_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux2_lora.data import stream
+
     index = read_index(three_shard_cache)
+    reads: list[tuple[int, int]] = []
+    real_pread = stream.os.pread
 
-    def fresh(epoch: int) -> list[str]:
-        ds = CachedBatches(index, batch_size=1, seed=3, shuffle_buffer=4)
-        ds.set_epoch(epoch)
-        return [k for b in DataLoader(ds, batch_size=None, num_workers=2) for k in b["keys"]]
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append((size, offset))
+        return real_pread(fd, size, offset)
 
-    ds = CachedBatches(index, batch_size=1, seed=3, shuffle_buffer=4)
-    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
-    for epoch in (0, 1, 2):
-        ds.set_epoch(epoch)
-        assert [k for b in loader for k in b["keys"]] == fresh(epoch)
+    monkeypatch.setattr(stream.os, "pread", pread)
+    batches = _rank_batches(index, 1, 2, 1, GlobalBatches(index, 4, seed=3).steps_per_epoch)
+    entries = {e.key: e for e in index.samples()}
+    wanted = [(entries[k].size, entries[k].offset) for b in batches for k in b["keys"]]
+    assert reads == wanted  # one positioned read per sample this rank trains, nothing else
+    shard_bytes = sum((three_shard_cache / s.url).stat().st_size for s in index.train)
+    assert sum(size for size, _ in reads) < 0.7 * shard_bytes
+    # What it read is what the shard holds for that sample.
+    by_key = {s["key"]: s for info in index.train for s in read_cached_shard(str(three_shard_cache / info.url))}
+    for b in batches:
+        for j, k in enumerate(b["keys"]):
+            assert torch.equal(b["latents"][j], by_key[k]["latents"])
+            assert torch.equal(b["prompt_embeds"][j], by_key[k]["prompt_embeds"])
 
 
-def test_order_is_seeded_by_epoch_and_identical_on_reread(three_shard_cache: Path) -> None:
-    index = read_index(three_shard_cache)
+def test_a_cache_without_recorded_offsets_finds_them_in_the_tar_headers(
+    three_shard_cache: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(three_shard_cache, old)
+    d = json.loads((old / "index.json").read_text())
+    for part in ("train", "val"):
+        for shard in d[part]:
+            shard["samples"] = [x[:3] for x in shard["samples"]]  # the layout before offsets were recorded
+    (old / "index.json").write_text(json.dumps(d))
+    assert list(read_index(old).samples()) == list(read_index(three_shard_cache).samples())
 
-    def keys(epoch: int) -> list[str]:
-        ds = CachedBatches(index, batch_size=1, seed=3, shuffle_buffer=4)
-        ds.set_epoch(epoch)
-        return [k for b in DataLoader(ds, batch_size=None, num_workers=2) for k in b["keys"]]
 
-    assert keys(0) == keys(0)
-    assert keys(0) != keys(1) and sorted(keys(0)) == sorted(keys(1))
+def test_a_changed_shard_is_a_one_line_error_naming_it(three_shard_cache: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(three_shard_cache, broken)
+    index = read_index(broken)
+    first = index.samples()[0]
+    with open(broken / first.url, "r+b") as f:
+        f.seek(first.offset)
+        f.write(b"\xff" * 16)  # the safetensors header of the first sample is gone
+    with pytest.raises(DataError, match=f"{first.url}.*{first.key}.*rebuild it"):
+        CachedSamples(index).read(0)
 
 
 def _tar_with(path: Path, members: dict[str, bytes]) -> Path:
