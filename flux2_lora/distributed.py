@@ -15,9 +15,17 @@ that checkpoints and LoRA exports are written from.
   step (and stops after too many) but cannot skip it. Checkpoints hold the fp32 master weights and AdamW's
   moments gathered per parameter (DeepSpeed's `safe_get_full_*`), in torch's own layout.
 
+Loading (`load_frozen_transformer`, `place_for_prepare`): under fsdp and zero3 with `shard_base` (the default) the
+frozen transformer is loaded sharded, so that no device ever holds it whole and a node holds at most one host copy.
+fsdp: only the main process reads it (into host memory), the others build it on the meta device, and prepare()
+broadcasts it tensor by tensor into the shards (accelerate's `cpu_ram_efficient_loading`). zero3: it is built
+under `deepspeed.zero.Init` (partitioned as it is created) and filled one gathered parameter at a time from the
+main process's memory-mapped safetensors. Quantized bases train under ddp (and nf4 under zero2); the others are
+refused in one line before the cache stage (`check_quantize_strategy`).
+
 With one process DDP and FSDP are plain single-process training. A checkpoint holds whole tensors under
-every strategy, so it resumes under another strategy too (the number of processes must stay the same:
-the data position depends on it).
+every strategy, so it resumes under another strategy and on another number of processes too (the data
+position is a count of global batches: the global batch, batch x processes x accumulation, must stay the same).
 """
 
 from __future__ import annotations
@@ -114,14 +122,19 @@ def make_accelerator(recipe: Recipe, mixed_precision: str, trackers: list[str], 
         # text encoder, loaded after the Accelerator exists, must not be partitioned at all).
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
     if strategy == "fsdp":
+        previous = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "False")
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             fsdp_version=2,
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=BLOCK_CLASSES,
             reshard_after_forward=recipe.distributed.shard_base,
             state_dict_type="FULL_STATE_DICT",
-            cpu_ram_efficient_loading=False,
+            # shard_base: only the main process reads the weights; prepare() broadcasts them into the shards.
+            cpu_ram_efficient_loading=recipe.distributed.shard_base,
         )
+        # The plugin also tells transformers through the environment to load models on the meta device on all
+        # but the first process of each node; the cache stage's text encoder must load whole, so take that back.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = previous
     acc = Accelerator(
         gradient_accumulation_steps=recipe.training.gradient_accumulation,
         mixed_precision=mixed_precision,
@@ -163,6 +176,217 @@ def plain_loading(accelerator: Any) -> Iterator[None]:
     finally:
         plugin.dschf = None
         plugin.set_deepspeed_weakref()
+
+
+def shards_at_load(strategy: str, shard_base: bool, num_processes: int) -> bool:
+    """Whether the frozen transformer is loaded sharded: fsdp and zero3 with `distributed.shard_base` (the default)
+    on several processes. Then only the main process reads the weights, and no device ever holds them whole."""
+    return strategy in ("fsdp", "zero3") and shard_base and num_processes > 1
+
+
+# The quantized bases each strategy cannot train, and why (tried on 2 CPU processes with int8; see the README).
+# - fsdp: FSDP2 shards every parameter, and torchao's tensors have no split/view (int8, fp8); accelerate leaves a
+#   bitsandbytes nf4 base out of the sharding and loads it whole on every GPU first (nf4).
+# - zero2 / zero3: DeepSpeed keeps weak references to every parameter, so moving the model swaps no torchao tensor
+#   (int8, fp8); ZeRO-3 builds the transformer partitioned, which a bitsandbytes load cannot (nf4).
+QUANTIZE_REFUSED = {"fsdp": ("int8", "fp8", "nf4"), "zero2": ("int8", "fp8"), "zero3": ("int8", "fp8", "nf4")}
+
+
+def check_quantize_strategy(recipe: Recipe, strategy: str) -> None:
+    """Refuse, in one line and before the cache stage, a quantized base that the strategy cannot train (`strategy`
+    as `make_accelerator` resolved it: fsdp on one process is plain training, "single")."""
+    q = recipe.model.quantize
+    if q not in QUANTIZE_REFUSED.get(strategy, ()):
+        return
+    from .model import ModelError
+
+    works = [s for s in ("ddp", "zero2") if q not in QUANTIZE_REFUSED.get(s, ())]
+    raise ModelError(
+        f"model.quantize: {q} cannot be trained with distributed.strategy: {strategy} (it cannot shard or move an "
+        f"{q} base); use strategy {' or '.join(works)} (each process holds the {q} base whole), "
+        f"or model.quantize: none with {strategy}"
+    )
+
+
+def load_frozen_transformer(
+    acc: Any, strategy: str, src: Any, dtype: torch.dtype, shard_base: bool = True, **load: Any
+) -> Any:
+    """The frozen transformer as the strategy needs it before `place_for_prepare` and `prepare()`.
+
+    Sharded loading (`shards_at_load`):
+    - fsdp: the main process reads it into host memory (no device); the others build it on the meta device.
+      `prepare()` (accelerate's `cpu_ram_efficient_loading`) moves the model to meta, `fully_shard`s it, and
+      broadcasts the main process's tensors one at a time into the shards, the LoRA's initial values among them.
+    - zero3: built under `deepspeed.zero.Init`, so every parameter is partitioned as it is created; then each one
+      is gathered in turn, the main process copies its value from the memory-mapped safetensors file, and
+      DeepSpeed broadcasts it and partitions it again.
+    Otherwise each process loads it whole (`model.load_transformer` with the keyword arguments in `load`).
+    """
+    from .model import load_transformer
+
+    if not shards_at_load(strategy, shard_base, acc.num_processes):
+        return load_transformer(src, dtype, **load)
+    if acc.device.type == "cuda":  # sharded_load_line reports the device's peak from here to after prepare()
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    if strategy == "fsdp":
+        if acc.is_main_process:
+            return load_transformer(src, dtype, None)
+        return _meta_transformer(src, dtype)
+    return _zero3_transformer(acc, src, dtype)
+
+
+def _transformer_config(src: Any) -> dict[str, Any]:
+    from diffusers import Flux2Transformer2DModel
+
+    from .model import safetensors_only
+
+    return dict(Flux2Transformer2DModel.load_config(safetensors_only(src.path / "transformer")))
+
+
+def _meta_transformer(src: Any, dtype: torch.dtype) -> Any:
+    """The transformer's structure without its weights: parameters on the meta device at `dtype` (buffers real)."""
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    with init_empty_weights(include_buffers=False):
+        model = Flux2Transformer2DModel.from_config(_transformer_config(src))
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (one file, or a sharded checkpoint with its index)."""
+    from safetensors import safe_open
+
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    found: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:  # reads the header only
+            found.update(dict.fromkeys(f.keys(), file))
+    return found
+
+
+def _zero3_init_config(acc: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config for `zero.Init`: the run's, without the `auto` values that prepare() fills in later,
+    and with the fp16/bf16 switches saying `dtype` (zero.Init takes its dtype from them: its own `dtype` argument
+    is ignored where the accelerator has no fp16, as on CPUs)."""
+
+    def concrete(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: concrete(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
+
+    config = concrete(acc.state.deepspeed_plugin.deepspeed_config)
+    config.setdefault("train_micro_batch_size_per_gpu", 1)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
+    return config
+
+
+def _zero3_transformer(acc: Any, src: Any, dtype: torch.dtype) -> Any:
+    import deepspeed
+    from diffusers import Flux2Transformer2DModel
+    from safetensors import safe_open
+
+    from .model import ModelError, safetensors_only
+
+    folder = safetensors_only(src.path / "transformer")
+    with deepspeed.zero.Init(config_dict_or_path=_zero3_init_config(acc, dtype)):
+        model = Flux2Transformer2DModel.from_config(_transformer_config(src))
+    model.requires_grad_(False).eval()
+    if any(p.dtype != dtype for p in model.parameters()):
+        raise ModelError(
+            f"model.dtype: DeepSpeed built the transformer in {next(model.parameters()).dtype}, not {dtype}"
+        )
+    files = _weight_files(folder)  # every process reads the headers, so all agree on a missing tensor
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = sorted(set(tensors) - set(files))
+    if missing:
+        raise ModelError(f"model.name_or_path: {folder} lacks {len(missing)} transformer tensors (e.g. {missing[0]})")
+    opened: tuple[Path, Any] | None = None  # one file mapped at a time (the tensors come in the files' order)
+    try:
+        for name, t in tensors.items():
+            partitioned = hasattr(t, "ds_id")
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=0, enabled=partitioned):
+                if acc.is_main_process or not partitioned:  # buffers are not partitioned: each process reads them
+                    if opened is None or opened[0] != files[name]:
+                        if opened is not None:
+                            opened[1].__exit__(None, None, None)
+                        handle = safe_open(str(files[name]), framework="pt")
+                        opened = (files[name], handle.__enter__())
+                    with torch.no_grad():
+                        t.data.copy_(opened[1].get_tensor(name).to(t.dtype))
+    finally:
+        if opened is not None:
+            opened[1].__exit__(None, None, None)
+    return model
+
+
+def place_for_prepare(model: Any, acc: Any, strategy: str, shard_base: bool = True) -> None:
+    """Put the model (frozen transformer + LoRA) where `prepare()` expects it: on the device, or for a sharded
+    load where it is (the main process's host copy is broadcast into the shards). A process that built the
+    transformer on meta gets real tensors for the LoRA (the optimizer tells parameters apart by their storage);
+    their values are the main process's, broadcast by prepare()."""
+    if not shards_at_load(strategy, shard_base, acc.num_processes):
+        model.to(acc.device)
+        if strategy == "ddp":
+            # DDP broadcasts every parameter from the main process; torchao's quantized tensors cannot be broadcast,
+            # and every process quantized the same weights the same way, so they are left out of it.
+            from torch.nn.parallel import DistributedDataParallel
+
+            quantized = [n for n, p in model.named_parameters() if type(p).__module__.startswith("torchao")]
+            if quantized:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized)
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if strategy == "fsdp" and p.requires_grad and p.is_meta:
+                    module._parameters[name] = torch.nn.Parameter(torch.zeros_like(p, device="cpu"))
+                elif strategy == "zero3" and not hasattr(p, "ds_id"):
+                    p.data = p.data.to(acc.device)
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of a parameter that this process holds: a DTensor's local shard, a ZeRO-3 partition, none on meta."""
+    if hasattr(t, "ds_tensor"):
+        t = t.ds_tensor
+    elif is_sharded(t):
+        t = t.to_local()  # type: ignore[attr-defined]
+    return 0 if t.is_meta else t.numel() * t.element_size()
+
+
+def whole_bytes(t: torch.Tensor) -> int:
+    """Bytes of a parameter's whole value (also when it is sharded or partitioned away)."""
+    numel = getattr(t, "ds_numel", None) or t.numel()
+    return int(numel) * t.element_size()
+
+
+def frozen_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes this process holds, bytes of the whole) of the frozen parameters."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return sum(local_bytes(p) for p in frozen), sum(whole_bytes(p) for p in frozen)
+
+
+def sharded_load_line(acc: Any, strategy: str, model: torch.nn.Module) -> str:
+    """One line on what the sharded frozen transformer costs each process after prepare() (all processes call
+    this: the figures are gathered); on GPUs also each device's peak from the start of the load."""
+    from accelerate.utils import gather_object
+
+    from .memory import human_bytes
+
+    held, whole = frozen_bytes(model)
+    peak = torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None
+    rows = gather_object([(held, peak)])
+    line = (
+        f"dist  {strategy}: frozen transformer loaded sharded (this process holds {human_bytes(held)} of "
+        f"{human_bytes(whole)}; processes 0-{len(rows) - 1}: " + ", ".join(human_bytes(h) for h, _ in rows)
+    )
+    if peak is not None:
+        line += "; device peak while loading: " + ", ".join(human_bytes(p or 0) for _, p in rows)
+    return line + ")"
 
 
 def is_sharded(t: torch.Tensor) -> bool:

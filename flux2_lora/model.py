@@ -339,8 +339,13 @@ def compile_blocks(transformer: Any) -> int:
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
+    """(trainable, total) parameter counts; a ZeRO-3 partitioned parameter counts whole (`ds_numel`)."""
+
+    def numel(p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in module.parameters())
     return trainable, total
 
 

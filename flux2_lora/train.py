@@ -39,7 +39,19 @@ from .data.cache import (
 )
 from .data.folder import DataError
 from .data.stream import CachedSamples, GlobalBatches, RankBatchSampler, auto_workers, collate, describe
-from .distributed import is_sharded, make_accelerator, optimizer_state, plain_loading, trainable_state, whole
+from .distributed import (
+    check_quantize_strategy,
+    is_sharded,
+    load_frozen_transformer,
+    make_accelerator,
+    optimizer_state,
+    place_for_prepare,
+    plain_loading,
+    sharded_load_line,
+    shards_at_load,
+    trainable_state,
+    whole,
+)
 from .evaluate.callback import TrainingQuality
 from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
 from .model import (
@@ -51,7 +63,6 @@ from .model import (
     count_parameters,
     enable_checkpointing,
     encoder_dtype,
-    load_transformer,
     pipeline_class,
     resolve_model,
 )
@@ -152,6 +163,7 @@ class Trainer:
         self.src: ModelSource = resolve_model(r.model)
         # A quantization or block swap that cannot run here stops now, before the cache stage.
         check_quantize(r.model.quantize, self.device)
+        check_quantize_strategy(r, self.strategy)
         self._check_resume()
         if r.model.blocks_to_swap and acc.num_processes > 1:
             raise ModelError("model.blocks_to_swap: works with one training process only in this version (set it to 0)")
@@ -182,12 +194,16 @@ class Trainer:
             )
 
             # Transformer + LoRA.
-            # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added.
+            # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added;
+            # under fsdp / zero3 sharded, so that no device ever holds it whole (see distributed.load_frozen_transformer).
             host = r.model.force_cpu_loading and r.model.quantize == "none"
-            self.transformer = load_transformer(
+            self.transformer = load_frozen_transformer(
+                acc,
+                self.strategy,
                 self.src,
                 DTYPES[r.model.dtype],
-                None if host else self.device,
+                shard_base=r.distributed.shard_base,
+                device=None if host else self.device,
                 quantize=r.model.quantize,
                 keep_on_host=r.model.blocks_to_swap,
             )
@@ -213,7 +229,7 @@ class Trainer:
             self.swapper = attach_block_swap(self.transformer, r.model.blocks_to_swap, self.device)
             self._print(f"swap  {r.model.blocks_to_swap} blocks' frozen weights in host memory, copied in per block")
         else:
-            self.transformer.to(self.device)
+            place_for_prepare(self.transformer, acc, self.strategy, r.distributed.shard_base)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, r)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, r)
@@ -227,6 +243,8 @@ class Trainer:
                 f"dist  {self.strategy} over {acc.num_processes} processes"
                 + (f": {sharded} of {len(tensors)} parameter tensors sharded (DTensor)" if sharded else "")
             )
+            if shards_at_load(self.strategy, r.distributed.shard_base, acc.num_processes):
+                self._print(sharded_load_line(acc, self.strategy, self.model))
 
         # Data: global batches of batch x processes x accumulation, one bucket each, whatever the process count;
         # this rank reads only its slice of each (random access into the cached shards, see data/stream.py).

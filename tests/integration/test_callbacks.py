@@ -42,7 +42,7 @@ def test_nan_guard_skips_updates_and_stops_after_k_in_a_row(
 
     def flaky(*args: Any, **kwargs: Any) -> torch.Tensor:
         loss = real(*args, **kwargs)
-        if kwargs.get("reduce", True) and args[0].training:
+        if args[0].training:  # the training step (validation runs the model in eval mode)
             calls["n"] += 1
             if calls["n"] == 3 or calls["n"] >= 6:  # one isolated NaN, then NaN forever
                 return loss * float("nan")

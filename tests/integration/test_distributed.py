@@ -68,6 +68,23 @@ def _lora(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "lora.safetensors"))
 
 
+UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def _held(log: str, strategy: str) -> tuple[list[float], float]:
+    """What each process holds of the frozen transformer after prepare(), and its whole size, from the trainer's
+    `dist  STRATEGY: frozen transformer loaded sharded (...)` line."""
+
+    def size(text: str) -> float:
+        number, unit = text.split()
+        return float(number) * UNITS[unit]
+
+    line = next(ln for ln in log.splitlines() if ln.startswith(f"dist  {strategy}: frozen transformer loaded sharded"))
+    whole = size(line.split(" of ", 1)[1].split(";")[0])
+    per = line.split("processes 0-1: ", 1)[1].split(";")[0].rstrip(")").split(", ")
+    return [size(x) for x in per], whole
+
+
 @pytest.mark.slow
 def test_ddp_and_fsdp_give_the_single_process_lora(
     two_shards: Path, single_run: Path, fsdp_run: tuple[Path, str], tmp_path: Path
@@ -87,6 +104,9 @@ def test_ddp_and_fsdp_give_the_single_process_lora(
     sharded = log.split("dist  fsdp over 2 processes: ")[1].split(" parameter")[0]
     n, total = (int(x.replace(",", "")) for x in sharded.split(" of "))
     assert n == total > 0
+    # Loaded sharded: each process keeps half of the frozen transformer (the non-main one never read it whole).
+    held, whole = _held(log, "fsdp")
+    assert len(held) == 2 and all(0.45 < h / whole < 0.55 for h in held), (held, whole)
     reference = _lora(single)
     assert len(reference) > 0
     for name, other in (("ddp", _lora(ddp)), ("fsdp", _lora(fsdp))):
@@ -118,6 +138,11 @@ def test_deepspeed_zero_gives_the_single_process_lora_and_resumes_exactly(
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"dist  {stage} over 2 processes" in res.stdout
+    if stage == "zero3":  # built partitioned (zero.Init) and filled from the file: each process holds its half
+        held, whole = _held(res.stdout, stage)
+        assert len(held) == 2 and all(0.45 < h / whole < 0.55 for h in held), (held, whole)
+    else:
+        assert "loaded sharded" not in res.stdout
     reference, lora = _lora(single_run), _lora(out)
     for k, v in reference.items():
         torch.testing.assert_close(lora[k], v, rtol=1e-4, atol=1e-6, msg=k)
@@ -187,3 +212,57 @@ def test_a_signal_to_one_process_checkpoints_all_and_the_run_resumes_exactly(
     a, b = _lora(straight), _lora(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_sharded_loading_never_materialises_the_whole_base_on_a_non_main_process(tmp_path: Path) -> None:
+    """scripts/bench_sharded_loading.py on the tiny model: every tensor storage created from the start of the load
+    to after prepare() is counted on each process (the broadcast and gather buffers included)."""
+    out = tmp_path / "rows.json"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_sharded_loading.py"), "--models", "tiny", "--strategies",
+         "fsdp", "zero3", "--rank", "1", "--work", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {(r["strategy"], r["rank"]): r for r in json.loads(out.read_text())}
+    one = rows["single", 0]
+    assert one["held_bytes"] == one["whole_bytes"] and one["peak_tensor_bytes"] >= one["whole_bytes"]
+    for strategy in ("fsdp", "zero3"):
+        for rank in (0, 1):
+            r = rows[strategy, rank]
+            assert r["whole_bytes"] == one["whole_bytes"]
+            assert 0.45 < r["held_bytes"] / r["whole_bytes"] < 0.55, r
+        # The non-main process: its shards plus one whole tensor at a time, never the whole transformer.
+        assert rows[strategy, 1]["peak_tensor_bytes"] < 0.7 * one["whole_bytes"], rows[strategy, 1]
+    # ZeRO-3: the main process too reads one tensor at a time from the memory-mapped file.
+    assert rows["zero3", 0]["peak_tensor_bytes"] < 0.7 * one["whole_bytes"], rows["zero3", 0]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_an_int8_base_under_a_strategy_that_cannot_train_it_stops_in_one_line_before_the_cache_stage(
+    tmp_path: Path, sample_data: Path, strategy: str
+) -> None:
+    from tests.conftest import first_images
+
+    images = first_images(sample_data, tmp_path / "images", 2)
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--dataset", str(images), "--steps", "2", "--output", str(out),
+            "--distributed.strategy", strategy, "--model.quantize", "int8"]  # fmt: skip
+    env = _env() if strategy == "fsdp" else {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    res = subprocess.run([*(FSDP if strategy == "fsdp" else DDP), *args], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    # Each process says it in the same one line (the two may share a line of the log) and exits with 2; the
+    # launcher then reports the failed process.
+    said = {part.split("\n")[0] for part in res.stderr.split("flux2-lora: error: ")[1:]}
+    assert said == {
+        f"model.quantize: int8 cannot be trained with distributed.strategy: {strategy} (it cannot shard or move an "
+        "int8 base); use strategy ddp (each process holds the int8 base whole), or model.quantize: none with "
+        f"{strategy}"
+    }, res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "[rank0]: Traceback" not in res.stderr
+    assert "[rank1]: Traceback" not in res.stderr
+    assert not (out / "cache").exists()  # stopped before the cache stage
