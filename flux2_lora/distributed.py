@@ -94,6 +94,10 @@ def deepspeed_config(recipe: Recipe, mixed_precision: str, stage: int) -> dict[s
             # ZeRO-3 shards every parameter; with shard_base false small and large ones alike stay whole.
             "stage3_param_persistence_threshold": 0 if d.shard_base else 10**12,
             "stage3_gather_16bit_weights_on_model_save": stage == 3,
+            # DeepSpeed's default buckets (5e8 values) allocate ~1.9 GiB of fp32 per process whatever the model;
+            # a LoRA's gradients are small (77 M values at rank 16 on FLUX.2-dev), so 5e7 (200 MB) is plenty.
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
         },
         "bf16": {"enabled": mixed_precision == "bf16"},
         "fp16": {"enabled": mixed_precision == "fp16"},
@@ -178,10 +182,18 @@ def plain_loading(accelerator: Any) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def shards_at_load(strategy: str, shard_base: bool, num_processes: int) -> bool:
+def shards_at_load(strategy: str, shard_base: bool, num_processes: int, applied: bool = True) -> bool:
     """Whether the frozen transformer is loaded sharded: fsdp and zero3 with `distributed.shard_base` (the default)
-    on several processes. Then only the main process reads the weights, and no device ever holds them whole."""
-    return strategy in ("fsdp", "zero3") and shard_base and num_processes > 1
+    on several processes, where accelerate really applies the strategy (`applied`: on CPU processes it wraps an
+    FSDP launch config in DDP). Then only the main process reads the weights, and no device ever holds them whole."""
+    return strategy in ("fsdp", "zero3") and shard_base and num_processes > 1 and applied
+
+
+def strategy_applied(acc: Any) -> bool:
+    """True when accelerate shards with FSDP or DeepSpeed here (not when it fell back to DDP on CPU processes)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 # The quantized bases each strategy cannot train, and why (tried on 2 CPU processes with int8; see the README).
@@ -224,7 +236,7 @@ def load_frozen_transformer(
     """
     from .model import load_transformer
 
-    if not shards_at_load(strategy, shard_base, acc.num_processes):
+    if not shards_at_load(strategy, shard_base, acc.num_processes, strategy_applied(acc)):
         return load_transformer(src, dtype, **load)
     if acc.device.type == "cuda":  # sharded_load_line reports the device's peak from here to after prepare()
         torch.cuda.reset_peak_memory_stats(acc.device)
@@ -327,7 +339,7 @@ def place_for_prepare(model: Any, acc: Any, strategy: str, shard_base: bool = Tr
     load where it is (the main process's host copy is broadcast into the shards). A process that built the
     transformer on meta gets real tensors for the LoRA (the optimizer tells parameters apart by their storage);
     their values are the main process's, broadcast by prepare()."""
-    if not shards_at_load(strategy, shard_base, acc.num_processes):
+    if not shards_at_load(strategy, shard_base, acc.num_processes, strategy_applied(acc)):
         model.to(acc.device)
         if strategy == "ddp":
             # DDP broadcasts every parameter from the main process; torchao's quantized tensors cannot be broadcast,

@@ -49,6 +49,7 @@ from .distributed import (
     plain_loading,
     sharded_load_line,
     shards_at_load,
+    strategy_applied,
     trainable_state,
     whole,
 )
@@ -243,7 +244,7 @@ class Trainer:
                 f"dist  {self.strategy} over {acc.num_processes} processes"
                 + (f": {sharded} of {len(tensors)} parameter tensors sharded (DTensor)" if sharded else "")
             )
-            if shards_at_load(self.strategy, r.distributed.shard_base, acc.num_processes):
+            if shards_at_load(self.strategy, r.distributed.shard_base, acc.num_processes, strategy_applied(acc)):
                 self._print(sharded_load_line(acc, self.strategy, self.model))
 
         # Data: global batches of batch x processes x accumulation, one bucket each, whatever the process count;
