@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from flux2_lora.config import Recipe
 from flux2_lora.distributed import (
@@ -72,7 +73,9 @@ def test_a_non_main_fsdp_process_builds_the_transformer_on_meta_and_gets_a_real_
     add_lora(whole.requires_grad_(False), 4, 4, 0.0, "attention+single", "default", False)
     assert torch.equal(state, torch.get_rng_state())  # the global RNG stays in step with the main process
     assert count_parameters(meta) == count_parameters(whole)
-    acc = SimpleNamespace(num_processes=2, is_main_process=False, device=torch.device("cpu"))
+    acc = SimpleNamespace(
+        num_processes=2, is_main_process=False, device=torch.device("cpu"), distributed_type=DistributedType.FSDP
+    )
     place_for_prepare(meta, acc, "fsdp")
     lora = [p for p in meta.parameters() if p.requires_grad]
     assert lora and all(not p.is_meta and p.dtype == torch.float32 for p in lora)
@@ -87,7 +90,9 @@ def test_ddp_leaves_torchao_tensors_out_of_its_broadcast(tiny_dev: Path) -> None
 
     model = load_transformer(_src(tiny_dev), torch.float32, "cpu", quantize="int8")
     add_lora(model, 4, 4, 0.0, "attention", "default", False)
-    acc = SimpleNamespace(num_processes=2, is_main_process=True, device=torch.device("cpu"))
+    acc = SimpleNamespace(
+        num_processes=2, is_main_process=True, device=torch.device("cpu"), distributed_type=DistributedType.MULTI_CPU
+    )
     place_for_prepare(model, acc, "ddp")
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     quantized = {n for n, p in model.named_parameters() if type(p).__module__.startswith("torchao")}
