@@ -38,50 +38,28 @@ import resource
 import subprocess
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from flux2_lora.memory import TensorMemory  # noqa: E402
+
 STRATEGIES = ("ddp", "fsdp", "zero3")
 
 
-class LiveTensors(TorchDispatchMode):
-    """Bytes of the real (not meta) tensor storages alive while the mode is on: current and peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.current = self.peak = 0
+class LiveTensors(TensorMemory):
+    """Bytes of the real (not meta) tensor storages alive while the mode is on: current and peak. A DTensor or a
+    wrapper subclass counts by the plain tensors inside it (a DTensor's local shard)."""
 
     def track(self, *objs: Any) -> None:
-        for t in tree_leaves(objs):
-            if isinstance(t, torch.Tensor):
-                for plain in _plain(t):
-                    if plain.is_meta:
-                        continue
-                    st = plain.untyped_storage()
-                    if st in self._seen:
-                        continue
-                    n = st.nbytes()
-                    self._seen[st] = n
-                    self.current += n
-                    weakref.finalize(st, self._free, n)
-        self.peak = max(self.peak, self.current)
-
-    def _free(self, n: int) -> None:
-        self.current -= n
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        self.track(out)
-        return out
+        plain = [p for t in tree_leaves(objs) if isinstance(t, torch.Tensor) for p in _plain(t) if not p.is_meta]
+        super().track(*plain)
 
 
 def _plain(t: torch.Tensor) -> list[torch.Tensor]:
