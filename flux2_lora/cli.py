@@ -107,14 +107,16 @@ def _expand_argv(argv: list[str]) -> list[str]:
 def read_yaml(path: Path, field: str) -> Any:
     """A user's YAML file (manifest, search space, prompt suite); a missing or malformed one is a one-line
     CliError naming `field`."""
-    import yaml
+    from .config import load_yaml
 
     if not path.is_file():
         raise CliError(f"{field}: {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CliError(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        return load_yaml(path.read_text(), str(path))
+    except UnicodeDecodeError as e:
+        raise CliError(f"{field}: {path} is not valid YAML ({e})") from None
+    except ValueError as e:
+        raise CliError(f"{field}: {e}") from None
 
 
 def train_parser() -> Any:

@@ -26,6 +26,36 @@ class RecipeError(ValueError):
     """A recipe value is wrong. The message is one line that starts with the dotted field name."""
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """YAML parsed safely, refusing a key given twice in one mapping (`where`: the file, for the message).
+
+    PyYAML keeps the last of two equal keys without a word; a recipe or manifest with `lr` twice is a mistake
+    to point out, not a value to guess. Raises ValueError('<where> line N: ...')."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(f"{where} line {line}: duplicate key {key!r} (first at line {seen[key]})")
+            seen[key] = line
+        return loader.construct_mapping(node)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{where}{at} is not valid YAML ({first})") from None
+
+
 @dataclass
 class ModelArgs:
     """Which FLUX.2 model to train and how to hold it."""
