@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -80,27 +81,64 @@ class NanGuard:
         self.streak, self.skipped = d.get("streak", 0), d.get("skipped", 0)
 
 
-class SignalStop:
-    """SIGUSR1 / SIGTERM (a scheduler's warning before a time limit or preemption): checkpoint and exit.
+class TrainingError(RuntimeError):
+    """A run that cannot finish as asked: printed as one line; the process exits with `exit_code`."""
 
-    The handler only records the signal; the loop stops after the current optimizer step, writes a checkpoint
-    and the process exits with EXIT_REQUEUE, which batch scripts read as "requeue me, resume from latest".
+    exit_code = 1
+
+
+class Interrupted(TrainingError):
+    """A signal arrived before the training loop started (nothing to checkpoint yet)."""
+
+    def __init__(self, signame: str, stage: str):
+        requeue = signame != "SIGINT"
+        super().__init__(
+            f"interrupted by {signame} during {stage}, before the first training step; no checkpoint was written, "
+            "so the next run starts this stage again (a finished cache is reused)"
+        )
+        self.exit_code = SignalStop.EXIT_REQUEUE if requeue else SignalStop.EXIT_INTERRUPTED
+
+
+class SignalStop:
+    """SIGUSR1 / SIGTERM (a scheduler's warning before a time limit or preemption) and Ctrl-C: checkpoint and exit.
+
+    Before the loop (`stage` set: loading, the cache stage) a signal raises Interrupted, naming the stage. In the
+    loop the handler only records the signal; the loop stops after the current optimizer step, writes a checkpoint,
+    and the process exits with EXIT_REQUEUE (SIGUSR1/SIGTERM: batch scripts read it as "requeue me, resume from
+    latest") or EXIT_INTERRUPTED (Ctrl-C). A second Ctrl-C exits at once.
     """
 
     EXIT_REQUEUE = 75  # EX_TEMPFAIL
+    EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
     def __init__(self) -> None:
         self.received = ""
+        self.stage: str | None = "setup"
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    def arm(self) -> None:
+        """From now on a signal stops the loop after the current step (with a checkpoint) instead of raising."""
+        self.stage = None
+
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.stage is not None:
+            raise Interrupted(name, self.stage)
+        if name == "SIGINT":
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt
+            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to exit at once)\n")
+        self.received = self.received or name
 
     def update(self, step: int) -> str:
         return f"received {self.received}" if self.received else ""
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_INTERRUPTED if self.received == "SIGINT" else self.EXIT_REQUEUE
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -6,7 +6,13 @@ A checkpoint folder `checkpoints/step-N/` holds:
   optimizer.safetensors  optimizer state tensors; optimizer.json the rest of its state
   state.json             step, scheduler, callbacks, data position; rng.safetensors the RNG states
 It is written into `.tmp-step-N`, fsynced, renamed, and only then is `latest` (a one-line file)
-replaced atomically, so a kill at any moment leaves the previous checkpoint intact.
+replaced atomically, so a kill at any moment leaves the previous checkpoint intact. A write that fails (a full disk,
+a read-only folder) removes its temporary folder and raises a CheckpointError naming the file and the OS reason.
+
+Lineage: the folder holds the checkpoints of one line of training. A run resumed from step S first sets the
+checkpoints after S aside (into `checkpoints/set-aside-<time>/`, never deleted), so retention (`keep_last`) only ever
+counts this lineage, the checkpoint just written is never deleted, and `latest` always names a checkpoint that exists.
+`--resume latest` takes the newest checkpoint that passes `check_checkpoint` and names each damaged one it skips.
 Nothing here uses pickle: everything is safetensors or JSON.
 """
 
@@ -14,7 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +36,44 @@ from .distributed import global_shape, load_optimizer, load_trainable
 
 LORA_FILE = "lora.safetensors"
 METADATA_PREFIX = "flux2_lora."
+# What a resumable checkpoint holds besides its LoRA (which resuming does not read).
+RESUME_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the path and the reason."""
+    """A checkpoint cannot be used or written; the message names the path and the reason."""
+
+
+def os_reason(e: BaseException) -> str | None:
+    """The operating system's reason for a failed read or write: an OSError's, or the one inside a safetensors
+    error (it reports `Os { code: 28, ... }` without an errno). None for other errors."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.strerror or os.strerror(e.errno)
+    m = re.search(r"(?:os error |code: )(\d+)", str(e))
+    if m and type(e).__name__ == "SafetensorError":
+        return os.strerror(int(m.group(1)))
+    return None
+
+
+@contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a failed write inside the block (disk full, read-only, no permission) into one CheckpointError line."""
+    try:
+        yield
+    except Exception as e:
+        reason = os_reason(e)
+        if reason is None:
+            raise
+        name = getattr(e, "filename", None) or path
+        raise CheckpointError(f"cannot write {what} {name}: {reason}") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write non-finite tensors: a LoRA with NaN or inf in it breaks every image it touches."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{what}: {k} has {n} non-finite values (NaN/inf); not written")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,27 +134,34 @@ def save_lora(
     layers = lora_state_dict(transformer, state_dict)
     if dtype is not None:
         layers = {k: v.to(dtype) for k, v in layers.items()}
+    check_finite(layers, str(path))
     tmp_dir = path.parent / f".tmp-{path.stem}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    adapter_meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
-    pipeline_cls.save_lora_weights(
-        tmp_dir,
-        transformer_lora_layers=layers,
-        weight_name=path.name,
-        transformer_lora_adapter_metadata=adapter_meta,
-    )
-    written = tmp_dir / path.name
-    with safe_open(str(written), framework="pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    header.update({f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     tmp_file = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp_file), metadata=header)
-    with open(tmp_file, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp_file, path)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        with writing("the LoRA", path):
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+            adapter_meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
+            pipeline_cls.save_lora_weights(
+                tmp_dir,
+                transformer_lora_layers=layers,
+                weight_name=path.name,
+                transformer_lora_adapter_metadata=adapter_meta,
+            )
+            written = tmp_dir / path.name
+            with safe_open(str(written), framework="pt") as f:
+                header = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header.update(
+                {f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+            )
+            save_file(tensors, str(tmp_file), metadata=header)
+            with open(tmp_file, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_file, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_file.unlink(missing_ok=True)
     return path
 
 
@@ -172,27 +223,35 @@ def save_checkpoint(
     export_lora: Any,
     keep_last: int,
 ) -> Path:
-    """Write checkpoints/step-N atomically, point `latest` at it, delete all but the last keep_last."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step-N atomically, point `latest` at it, and keep the last keep_last of this lineage.
+
+    A failed write (disk full, read-only) leaves no temporary folder and the earlier checkpoints as they were."""
+    check_finite(trainable, f"checkpoint step-{step}")
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    export_lora(tmp / LORA_FILE)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / "latest", final.name + "\n")
-    _retain(root, keep_last)
+    try:
+        with writing("checkpoint", final):
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            export_lora(tmp / LORA_FILE)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            atomic_write_text(root / "latest", final.name + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _retain(root, keep_last, final)
     return final
 
 
@@ -210,47 +269,167 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=_step_of)
 
 
-def _retain(root: Path, keep_last: int) -> None:
-    for p in list_checkpoints(root)[:-keep_last]:
+def _retain(root: Path, keep_last: int, current: Path) -> None:
+    """Delete all but the newest keep_last checkpoints up to `current` (just written; never deleted). Nothing newer
+    than `current` is touched: a run resumed from an older step set those aside before it started."""
+    older = [p for p in list_checkpoints(root) if _step_of(p) < _step_of(current)]
+    for p in older[: max(len(older) - (keep_last - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".tmp-step-*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(spec: str, checkpoints_root: Path) -> Path | None:
-    """`latest` (None when the run has no checkpoint yet) or an explicit checkpoint folder."""
+def point_latest(root: Path) -> None:
+    """`latest` names the newest checkpoint in `root`, or is removed when there is none."""
+    ckpts = list_checkpoints(root)
+    if ckpts:
+        atomic_write_text(root / "latest", ckpts[-1].name + "\n")
+    else:
+        (root / "latest").unlink(missing_ok=True)
+
+
+def set_aside_after(root: Path, step: int) -> list[Path]:
+    """Move the checkpoints after `step` (of a line of training being replaced by a resume from `step`) into
+    `root/set-aside-<UTC time>/`, keep nothing pointing at them, and return where they are now."""
+    later = [p for p in list_checkpoints(root) if _step_of(p) > step]
+    if not later:
+        if root.exists():
+            point_latest(root)
+        return []
+    aside = root / f"set-aside-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    n = 1
+    while aside.exists():
+        aside, n = root / f"{aside.name.split('.')[0]}.{n}", n + 1
+    aside.mkdir()
+    for p in later:
+        os.replace(p, aside / p.name)
+    _fsync_dir(root)
+    point_latest(root)
+    return [aside / p.name for p in later]
+
+
+def _tensor_refs(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            yield str(obj["__tensor__"])
+        else:
+            for v in obj.values():
+                yield from _tensor_refs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _tensor_refs(v)
+
+
+def _json_file(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def check_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed, naming the file (None: it can).
+
+    Cheap and complete for structure: every file is present, each safetensors header parses and its data is all
+    there (safetensors checks the sizes against the header), the JSON files parse with the fields resuming reads,
+    and the optimizer's tensor references exist. Tensor values are checked when they are loaded."""
+    for name in RESUME_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    keys: dict[str, set[str]] = {}
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                keys[name] = set(f.keys())
+        except Exception as e:
+            return f"{name} is damaged ({_first_line(e)})"
+    try:
+        state = _json_file(path / "state.json")
+    except (OSError, ValueError) as e:
+        return f"state.json is damaged ({_first_line(e)})"
+    if not isinstance(state, dict):
+        return "state.json is damaged (not a JSON object)"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"state.json is damaged (step {step!r} is not a whole number >= 0)"
+    if _step_of(path) >= 0 and _step_of(path) != step:
+        return f"state.json says step {step}, the folder is {path.name}"
+    for key, kind in (("lr_scheduler", dict), ("val_history", list), ("callbacks", dict)):  # the trainer's fields
+        if key in state and not isinstance(state[key], kind):
+            return f"state.json is damaged ({key} is not a JSON {kind.__name__})"
+    try:
+        opt = _json_file(path / "optimizer.json")
+    except (OSError, ValueError) as e:
+        return f"optimizer.json is damaged ({_first_line(e)})"
+    if (
+        not isinstance(opt, dict)
+        or not isinstance(opt.get("param_groups"), list)
+        or not isinstance(opt.get("state"), dict)
+    ):
+        return "optimizer.json is damaged (param_groups or state missing)"
+    missing = [k for k in _tensor_refs(opt["state"]) if k not in keys["optimizer.safetensors"]]
+    if missing:
+        return f"optimizer.safetensors is damaged ({len(missing)} optimizer tensors missing, e.g. {missing[0]})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_resume(spec: str, checkpoints_root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint `--resume SPEC` continues from, and what to tell the user about the choice.
+
+    `latest`: the newest checkpoint that passes check_checkpoint, each damaged one
+    skipped is named; None when there is no usable one (a new run starts). An explicit folder must pass, else a
+    CheckpointError names the damaged file and the newest older checkpoint that resumes."""
+    notes: list[str] = []
     if spec == "latest":
-        pointer = checkpoints_root / "latest"
-        if pointer.exists():
-            target = checkpoints_root / pointer.read_text().strip()
-            if (target / "state.json").exists():
-                return target
-        ckpts = [c for c in list_checkpoints(checkpoints_root) if (c / "state.json").exists()]
-        return ckpts[-1] if ckpts else None
+        # Newest first, by step: a checkpoint is renamed into place only once complete, so a newer one than
+        # `latest` names (a kill between the rename and the pointer update) is whole.
+        ckpts = list_checkpoints(checkpoints_root)
+        for c in reversed(ckpts):
+            reason = check_checkpoint(c)
+            if reason is None:
+                if notes:
+                    notes.append(f"resume: {c.name} is the newest checkpoint that resumes")
+                return c, notes
+            notes.append(f"resume: skipping {c}: {reason}")
+        if ckpts:
+            notes.append(f"resume: no checkpoint in {checkpoints_root} resumes; starting from step 0")
+        else:
+            notes.append("resume: no checkpoint yet, starting from step 0")
+        return None, notes
     path = Path(spec).expanduser()
-    if not (path / "state.json").exists():
+    if not path.is_dir() or not any((path / name).exists() for name in RESUME_FILES):
         raise CheckpointError(
             f"--resume: {spec} is not a checkpoint folder (no state.json); use latest or checkpoints/step-N"
         )
-    return path
+    reason = check_checkpoint(path)
+    if reason is not None:
+        older = [c for c in list_checkpoints(path.parent) if _step_of(c) < _step_of(path) and not check_checkpoint(c)]
+        hint = f"; {older[-1]} resumes (--resume {older[-1]})" if older else "; no older checkpoint beside it resumes"
+        raise CheckpointError(f"--resume: {path} cannot be resumed: {reason}{hint}")
+    return path, notes
 
 
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json (step, data position, recipe), without loading any tensor."""
     try:
-        return dict(json.loads((path / "state.json").read_text()))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--resume: {path}/state.json cannot be read ({e})") from None
+        return dict(_json_file(path / "state.json"))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"--resume: {path}/state.json cannot be read ({_first_line(e)})") from None
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore trainable tensors and optimizer state in place; return (state, rng)."""
-    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"):
-        if not (path / name).exists():
-            raise CheckpointError(f"--resume: {path} is incomplete ({name} missing)")
-    saved = load_file(str(path / "trainable.safetensors"))
+    reason = check_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"--resume: {path} cannot be resumed: {reason}")
+    saved = _load(path, "trainable.safetensors")
+    bad = [n for n, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"--resume: {path}/trainable.safetensors: {bad[0]} has non-finite values (NaN/inf)")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
@@ -265,8 +444,21 @@ def load_checkpoint(
                 f"--resume: {path}: {n} has shape {tuple(t.shape)}, the model {global_shape(params[n])}"
             )
     load_trainable(model, saved)  # sharded like the model's parameters where they are sharded
-    meta = json.loads((path / "optimizer.json").read_text())
-    load_optimizer(optimizer, _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta), model)
-    state = json.loads((path / "state.json").read_text())
-    rng = load_file(str(path / "rng.safetensors"))
+    meta = _json_file(path / "optimizer.json")
+    try:
+        load_optimizer(optimizer, _optimizer_from_files(_load(path, "optimizer.safetensors"), meta), model)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(
+            f"--resume: {path}/optimizer.json does not fit this recipe's optimizer ({_first_line(e)}); "
+            "resume with the recipe that wrote it"
+        ) from None
+    state = _json_file(path / "state.json")
+    rng = _load(path, "rng.safetensors")
     return state, rng
+
+
+def _load(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path}/{name} cannot be read ({_first_line(e)})") from None

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, RecipeError, validate
+from .config import Recipe, RecipeError, check_recipe_file, validate
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -93,7 +93,19 @@ def _expand_argv(argv: list[str]) -> list[str]:
             path = recipes_dir() / f"{val}.yaml"
             if not path.exists():
                 raise CliError(f"--preset: unknown preset {val!r} (available: {', '.join(presets())})")
+            check_recipe_file(path)
             front += ["--config", str(path)]
+        elif key == "--config":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise CliError("--config: needs a recipe YAML file")
+                val = argv[i + 1]
+                i += 1
+            path = Path(val).expanduser()
+            if not path.is_file():
+                raise CliError(f"--config: {val} does not exist")
+            check_recipe_file(path)  # duplicate keys, groups that are not mappings: one line before parsing
+            out += ["--config", val]
         elif key in SHORT_FORMS:
             out.append(SHORT_FORMS[key] + (eq + val if eq else ""))
         elif key in FLAG_FORMS:
@@ -138,17 +150,23 @@ def _condense(err: BaseException) -> str:
     """One line from a jsonargparse error: `field: what is expected (got VALUE)`."""
     text = str(err)
     m = re.search(r'[Kk]ey "([^"]+)"', text)
-    got = re.search(r"Got value:\s*(.*)", text)
+    got = re.search(r"(?:Got|Given) value:\s*(.*)", text)
     lit = re.search(r"Literal\[([^\]]*)\]", text)
     cls = re.search(r"Expected a <class '(\w+)'>", text)
     if m:
+        value = got.group(1).strip() if got else ""
         if lit:
             reason = "must be one of " + lit.group(1).replace("'", "")
+        elif cls and cls.group(1) in ("float", "int") and value.lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            reason = "must be a finite number"
         elif cls:
             reason = f"must be {'an' if cls.group(1)[0] in 'aeiou' else 'a'} {cls.group(1)}"
         else:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            reason = re.sub(r'.*[Kk]ey "[^"]+"\s*:?\s*', "", lines[0]) if lines else "invalid value"
+            # The reason is the text after the key, on its line or the next ones, without the "Got value" part.
+            rest = re.sub(r'.*?[Kk]ey "[^"]+"\s*:?', "", text, count=1, flags=re.S)
+            rest = re.sub(r"Got value:.*", "", rest, flags=re.S)
+            reason = " ".join(ln.strip() for ln in rest.splitlines() if ln.strip()).rstrip(".") or "invalid value"
+            reason = reason[0].lower() + reason[1:]
         return f"{m.group(1)}: {reason}" + (f" (got {got.group(1).strip()})" if got else "")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
@@ -183,11 +201,11 @@ def parse_train(argv: list[str], need_data: bool = True) -> tuple[Recipe, str | 
 
 def cmd_train(argv: list[str]) -> int:
     recipe, resume = parse_train(argv)
-    from .callbacks import SignalStop
-    from .train import train
+    from .train import Trainer, run
 
-    final = train(recipe, resume=resume)
-    return 0 if final is not None else SignalStop.EXIT_REQUEUE
+    trainer = Trainer(recipe, resume)
+    final = run(trainer)
+    return 0 if final is not None else trainer.signals.exit_code
 
 
 def command_parser(name: str, description: str) -> Any:
@@ -404,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"flux2-lora: error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from .callbacks import TrainingError
     from .checkpoint import CheckpointError
     from .data.folder import DataError
     from .model import ModelError
@@ -413,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, RecipeError, DataError, ModelError, CheckpointError) as e:
         print(f"flux2-lora: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"flux2-lora: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("flux2-lora: interrupted", file=sys.stderr)
         return 130

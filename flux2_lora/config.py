@@ -8,6 +8,7 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,13 @@ from typing import Any, Literal
 # Hidden-state layers of the text encoder that FLUX.2 stacks into the prompt embedding, per family.
 # diffusers: Flux2Pipeline uses (10, 20, 30) for Mistral-3; Flux2KleinPipeline (9, 18, 27) for Qwen3.
 FAMILY_TEXT_LAYERS: dict[str, tuple[int, ...]] = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
+
+# Upper bounds that keep a typo from reaching an allocation. FLUX.2 renders up to 4 megapixels (2048 x 2048);
+# its pipelines encode prompts of 512 tokens by default, and no FLUX.2 text encoder was trained on prompts beyond a few
+# thousand tokens (each token also joins every transformer block's attention).
+MAX_RESOLUTION = 2048
+MAX_SEQUENCE_LENGTH = 4096
+MAX_SEED = 2**32 - 1  # numpy's limit (accelerate.set_seed seeds numpy too)
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 LoraTargets = Literal["attention", "attention+single", "all-linear"]
@@ -314,6 +322,59 @@ def _require(cond: bool, field_name: str, message: str) -> None:
         raise RecipeError(f"{field_name}: {message}")
 
 
+# Each recipe group's name and dataclass (its default factory).
+GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
+
+
+def check_groups(values: dict[str, Any], where: str = "") -> None:
+    """Every recipe group (`model`, `training`, ...) in `values` is a mapping of its fields (or empty).
+
+    A group given as a list or a number would otherwise be dropped or kept as a bare value, and the run would
+    train on the defaults without a word."""
+    for name, value in values.items():
+        if name in GROUPS and value is not None and not isinstance(value, dict) and not dataclasses.is_dataclass(value):
+            raise RecipeError(
+                f"{name}: must be a mapping of {name}.* fields (e.g. `{name}:` then indented `key: value` lines), "
+                f"got {value!r}{where}"
+            )
+
+
+def check_recipe_file(path: Path) -> None:
+    """A recipe YAML (`--config`/`--preset`) is readable, a mapping, has no key twice and every group is a mapping."""
+    try:
+        data = load_yaml(path.read_text(), str(path))
+    except OSError as e:
+        raise RecipeError(f"--config: {path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"--config: {path} is not a text file") from None
+    except ValueError as e:
+        raise RecipeError(f"--config: {e}") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise RecipeError(f"--config: {path} must be a mapping of recipe groups (model:, data:, training:, ...)")
+    check_groups(data, f" in {path}")
+
+
+def _nonfinite(obj: Any, prefix: str) -> tuple[str, float] | None:
+    """The first float field (or list item) of a dataclass tree that is NaN or infinite, with its value."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found = _nonfinite(value, name + ".")
+            if found:
+                return found
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for x in items:
+            if isinstance(x, float) and not math.isfinite(x):
+                return name, x
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
 def validate(recipe: Recipe, need_data: bool = True) -> None:
     """Check values types cannot express. Raises RecipeError('<field>: <reason>').
 
@@ -328,9 +389,19 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         recipe.logging,
         recipe.callbacks,
     )
+    for name, cls in GROUPS.items():
+        value = getattr(recipe, name)
+        _require(isinstance(value, cls), name, f"must be a mapping of {name}.* fields, got {value!r}")
+    bad = _nonfinite(recipe, "")
+    if bad is not None:
+        raise RecipeError(f"{bad[0]}: must be a finite number, got {bad[1]}")
     _require(bool(m.name_or_path), "model.name_or_path", "must name a model folder, hub id or builtin:tiny-dev")
     _require(m.gradient_checkpointing_every >= 1, "model.gradient_checkpointing_every", "must be >= 1")
-    _require(m.max_sequence_length > 0, "model.max_sequence_length", f"must be > 0, got {m.max_sequence_length}")
+    _require(
+        0 < m.max_sequence_length <= MAX_SEQUENCE_LENGTH,
+        "model.max_sequence_length",
+        f"must be in 1..{MAX_SEQUENCE_LENGTH} prompt tokens (FLUX.2's pipelines use 512), got {m.max_sequence_length}",
+    )
     _require(m.blocks_to_swap >= 0, "model.blocks_to_swap", f"must be >= 0, got {m.blocks_to_swap}")
     if m.blocks_to_swap:
         _require(
@@ -377,6 +448,12 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         f"must be a multiple of 16, got {d.resolution}",
     )
     _require(
+        d.resolution <= MAX_RESOLUTION,
+        "data.resolution",
+        f"must be at most {MAX_RESOLUTION} (FLUX.2 renders up to 4 megapixels, {MAX_RESOLUTION}x{MAX_RESOLUTION}), "
+        f"got {d.resolution}",
+    )
+    _require(
         len(d.bucket_aspects) > 0 and all(0.1 <= a <= 10 for a in d.bucket_aspects),
         "data.bucket_aspects",
         "must list aspect ratios between 0.1 and 10",
@@ -393,6 +470,14 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     )
     _require(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(
+        len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+        "training.betas",
+        f"must be two numbers in [0, 1) (AdamW's moment decays, e.g. [0.9, 0.999]), got {list(t.betas)}",
+    )
+    _require(t.eps > 0, "training.eps", f"must be > 0 (AdamW's denominator guard, e.g. 1e-8), got {t.eps}")
+    _require(0 <= t.seed <= MAX_SEED, "training.seed", f"must be in 0..{MAX_SEED}, got {t.seed}")
+    _require(t.guidance_scale >= 0, "training.guidance_scale", f"must be >= 0, got {t.guidance_scale}")
     _require(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
     _require(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.logit_std > 0, "training.logit_std", f"must be > 0, got {t.logit_std}")
@@ -400,9 +485,15 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         len(v.sigmas) > 0 and all(0.0 < s < 1.0 for s in v.sigmas), "validation.sigmas", "must be values in (0, 1)"
     )
     _require(v.every_n_steps >= 0, "validation.every_n_steps", f"must be >= 0, got {v.every_n_steps}")
+    _require(0 <= v.seed <= MAX_SEED, "validation.seed", f"must be in 0..{MAX_SEED}, got {v.seed}")
     _require(v.sample_steps >= 1, "validation.sample_steps", f"must be >= 1, got {v.sample_steps}")
     if v.sample_resolution is not None:
-        _require(v.sample_resolution % 16 == 0, "validation.sample_resolution", "must be a multiple of 16")
+        _require(
+            16 <= v.sample_resolution <= MAX_RESOLUTION and v.sample_resolution % 16 == 0,
+            "validation.sample_resolution",
+            f"must be a multiple of 16 in 16..{MAX_RESOLUTION} (FLUX.2 renders up to 4 megapixels), "
+            f"got {v.sample_resolution}",
+        )
     for name in ("clip_score", "overfit_check"):
         _require(
             not getattr(v, name) or bool(v.prompts), f"validation.{name}", "needs validation.prompts (the samples)"
@@ -415,6 +506,16 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
             path.suffix == ".safetensors", "validation.clip_weights", f"{v.clip_weights} is not a .safetensors file"
         )
     _require(bool(o.dir), "output.dir", "must not be empty")
+    out = Path(o.dir).expanduser()
+    _require(not out.exists() or out.is_dir(), "output.dir", f"{o.dir} is a file, not a folder; choose a folder")
+    if d.dataset is not None and not pattern and not d.dataset.startswith("builtin:"):
+        data_dir = Path(d.dataset).expanduser().resolve()
+        _require(
+            not (data_dir.is_dir() and _inside(out.resolve(), data_dir)),
+            "output.dir",
+            f"{o.dir} is inside data.dataset {d.dataset}: the next run would train on this run's samples and plots; "
+            "choose an output folder outside the dataset",
+        )
     _require(o.checkpoint_every >= 0, "output.checkpoint_every", f"must be >= 0, got {o.checkpoint_every}")
     _require(o.keep_last >= 1, "output.keep_last", f"must be >= 1, got {o.keep_last}")
     _require(lg.log_every >= 1, "logging.log_every", f"must be >= 1, got {lg.log_every}")

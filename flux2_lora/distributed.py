@@ -361,13 +361,27 @@ def place_for_prepare(model: Any, acc: Any, strategy: str, shard_base: bool = Tr
                     p.data = p.data.to(acc.device)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: a DTensor's local shard, a ZeRO-3 partition, else itself."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    if is_sharded(t):
+        return t.to_local()  # type: ignore[attr-defined,no-any-return]
+    return t
+
+
 def local_bytes(t: torch.Tensor) -> int:
     """Bytes of a parameter that this process holds: a DTensor's local shard, a ZeRO-3 partition, none on meta."""
-    if hasattr(t, "ds_tensor"):
-        t = t.ds_tensor
-    elif is_sharded(t):
-        t = t.to_local()  # type: ignore[attr-defined]
+    t = local_tensor(t)
     return 0 if t.is_meta else t.numel() * t.element_size()
+
+
+def all_finite(acc: Any, tensors: list[torch.Tensor]) -> bool:
+    """True when every value of `tensors` is finite on every process (a collective; one host sync)."""
+    parts = [local_tensor(t) for t in tensors]
+    ok = torch.stack([torch.isfinite(p).all() for p in parts if p.numel()]).all() if parts else torch.tensor(True)
+    flag = ok.to(acc.device, torch.float32).reshape(1)
+    return bool(acc.reduce(flag, reduction="sum").item() == acc.num_processes) if acc.num_processes > 1 else bool(flag)
 
 
 def whole_bytes(t: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ The multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3) is applied in one pl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import interop
-from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, WallClock
+from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, TrainingError, WallClock
 from .config import Recipe, validate
 from .data.cache import (
     CacheIndex,
@@ -40,6 +41,7 @@ from .data.cache import (
 from .data.folder import DataError
 from .data.stream import CachedSamples, GlobalBatches, RankBatchSampler, auto_workers, collate, describe
 from .distributed import (
+    all_finite,
     check_quantize_strategy,
     is_sharded,
     load_frozen_transformer,
@@ -147,6 +149,15 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        # From here a signal names the stage it interrupted; from fit() on it stops the loop with a checkpoint.
+        self.signals = SignalStop()
+        try:
+            self._setup()
+        except BaseException:
+            self.signals.restore()
+            raise
+
+    def _setup(self) -> None:
         r, acc = self.recipe, self.accelerator
         _quiet_libraries()
         set_seed(r.training.seed)
@@ -165,6 +176,7 @@ class Trainer:
         # A quantization or block swap that cannot run here stops now, before the cache stage.
         check_quantize(r.model.quantize, self.device)
         check_quantize_strategy(r, self.strategy)
+        self.signals.stage = "the resume check"
         self._check_resume()
         if r.model.blocks_to_swap and acc.num_processes > 1:
             raise ModelError("model.blocks_to_swap: works with one training process only in this version (set it to 0)")
@@ -178,6 +190,7 @@ class Trainer:
         # before the transformer loads. Training reads only the cached shards.
         # Under DeepSpeed, models load as plain modules (see distributed.plain_loading).
         with plain_loading(acc):
+            self.signals.stage = "the cache stage"
             self.index = self._prepare_cache()
             text_dtype = encoder_dtype(r.model.dtype, self.device)
             if self.is_main:
@@ -194,6 +207,7 @@ class Trainer:
                 f"(cache {self.index.root})"
             )
 
+            self.signals.stage = "loading the transformer"
             # Transformer + LoRA.
             # Straight onto the device, or (force_cpu_loading) into host memory first and moved after the LoRA is added;
             # under fsdp / zero3 sharded, so that no device ever holds it whole (see distributed.load_frozen_transformer).
@@ -269,12 +283,12 @@ class Trainer:
             "wall_clock": WallClock(r.callbacks.max_wall_time_minutes),
             "nan_guard": NanGuard(r.callbacks.nan_max_consecutive),
         }
-        self.signals = SignalStop()
         self.vote = StopVote(acc, self.device)
         self.interrupted = False  # stopped by a signal: checkpointed, to be resumed
         self._ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.resume:
-            self._restore(self.resume)
+        if self._resume_path is not None:
+            self.signals.stage = "resuming from a checkpoint"
+            self._restore(self._resume_path)
         if self.is_main:
             init_kwargs = {"wandb": {"mode": r.logging.wandb_mode, "dir": str(self.out)}} if r.logging.wandb else {}
             acc.init_trackers(r.logging.wandb_project, config=_flat(r.to_dict()), init_kwargs=init_kwargs)
@@ -344,13 +358,24 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> Path | None:
+        """Train to training.max_steps; returns the final LoRA (None: stopped by a signal, checkpointed)."""
+        self.signals.arm()
+        self._bar: Any = None
+        try:
+            return self._fit()
+        finally:
+            if self._bar is not None:
+                self._bar.close()  # a message after an error starts on a line of its own
+            self.signals.restore()
+
+    def _fit(self) -> Path | None:
         r, acc = self.recipe, self.accelerator
         t = r.training
         accum = t.gradient_accumulation
         self.model.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
         if self.state.step == 0:
             self.validate_and_sample()
-        bar = tqdm(
+        self._bar = bar = tqdm(
             total=t.max_steps,
             initial=self.state.step,
             desc="train",
@@ -362,6 +387,7 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device)  # summed over one optimizer step's micro-batches
         loss_count = torch.zeros((), device=self.device)  # finite optimizer steps in the logging window
         self._bad: list[torch.Tensor] = []  # per-step "update skipped" flags not yet read by the host
+        self._nan_stop = False  # the NaN guard stopped the run
         last_log, last_log_step = time.perf_counter(), self.state.step
         # The data position is the optimizer step: this rank's micro-batches start there (see data/stream.py).
         self._start_step = self.state.step
@@ -462,7 +488,13 @@ class Trainer:
         stop_reason = stop_reason or self._check_nonfinite(self.state.step)
         if stop_reason:
             self._print(f"stopped at step {self.state.step}: {stop_reason}")
-        self.signals.restore()
+        if self._nan_stop:  # no final LoRA from a run the NaN guard stopped; its last finite state is checkpointed
+            self.save_checkpoint()
+            raise TrainingError(
+                f"training stopped at step {self.state.step}: {stop_reason}; no final LoRA was written, checkpoint "
+                f"{self.out / 'checkpoints' / f'step-{self.state.step}'} holds the last finite weights "
+                "(continue from it with --resume latest once the recipe is changed)"
+            )
         if self.interrupted:
             # Preempted or near a time limit: checkpoint only; the run is not finished, so no final LoRA.
             self.save_checkpoint()
@@ -499,6 +531,7 @@ class Trainer:
             if bad:
                 self._print(f"step {first + i}: non-finite loss or gradient, update skipped")
             reason = reason or self.callbacks["nan_guard"].update(not bad, first + i)
+        self._nan_stop = self._nan_stop or bool(reason)
         return reason
 
     def _draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -602,7 +635,19 @@ class Trainer:
             "resolution": r.data.resolution,
         }
 
+    def _require_finite(self) -> None:
+        """Stop, writing nothing, when the LoRA's weights are no longer finite (every process calls this)."""
+        if all_finite(self.accelerator, self.trainable):
+            return
+        ckpts = ckpt.list_checkpoints(self.out / "checkpoints")
+        last = f"the last checkpoint, {ckpts[-1]}, is from before" if ckpts else "no checkpoint was written before it"
+        raise TrainingError(
+            f"training diverged: the LoRA's weights are non-finite (NaN/inf) at step {self.state.step}, so nothing "
+            f"was saved ({last}); lower training.lr (now {self.recipe.training.lr:g}) and start again"
+        )
+
     def export(self, path: Path) -> Path:
+        self._require_finite()
         model = self.accelerator.unwrap_model(self.model)
         trainable = trainable_state(model)  # every process: gathers sharded LoRA tensors
         if self.is_main:
@@ -613,6 +658,7 @@ class Trainer:
         return path
 
     def save_checkpoint(self) -> None:
+        self._require_finite()  # a checkpoint with NaN weights would only resume into NaN
         acc = self.accelerator
         step = self.state.step
         model = acc.unwrap_model(self.model)
@@ -651,10 +697,31 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _check_resume(self) -> None:
-        """Refuse, before anything is loaded, a checkpoint this run cannot continue exactly (one line each)."""
-        path = ckpt.resolve_resume(self.resume, self.out / "checkpoints") if self.resume else None
-        if path is None:
+        """Choose the checkpoint to resume and refuse, before anything is loaded, one this run cannot continue
+        exactly (one line each). Then set aside the checkpoints after it: they belong to the line of training this
+        resume replaces, and must neither be deleted by retention nor be what `latest` names."""
+        self._resume_path: Path | None = None
+        if not self.resume:
             return
+        root = self.out / "checkpoints"
+        path, notes = ckpt.resolve_resume(self.resume, root)
+        for note in notes:
+            self._print(note)
+        self._resume_path = path
+        start = ckpt.read_state(path)["step"] if path is not None else 0
+        if path is not None:
+            self._check_state(path)
+        self.accelerator.wait_for_everyone()  # every process has chosen before anything moves
+        if self.is_main:
+            moved = ckpt.set_aside_after(root, start)
+            if moved:
+                self._print(
+                    f"resume: set aside {', '.join(p.name for p in moved)} (after step {start}, from the line of "
+                    f"training this resume replaces) in {moved[0].parent}"
+                )
+        self.accelerator.wait_for_everyone()
+
+    def _check_state(self, path: Path) -> None:
         state = ckpt.read_state(path)
         t = self.recipe.training
         saved = state.get("global_batch")
@@ -679,14 +746,12 @@ class Trainer:
                 "raise --steps to train further"
             )
 
-    def _restore(self, spec: str) -> None:
-        path = ckpt.resolve_resume(spec, self.out / "checkpoints")
-        if path is None:
-            self._print("resume: no checkpoint yet, starting from step 0")
-            return
+    def _restore(self, path: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
         state, rng = ckpt.load_checkpoint(path, model, self.optimizer)
         t = self.recipe.training
+        if "lr_scheduler" not in state or "torch" not in rng:
+            raise ckpt.CheckpointError(f"--resume: {path} is damaged (no learning-rate schedule or RNG state)")
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         before = state.get("recipe", {}).get("training", {}).get("max_steps", t.max_steps)
         if before != t.max_steps:  # extended (or shortened) run: the schedule now runs to the new last step
@@ -699,8 +764,9 @@ class Trainer:
                 f"at step {t.max_steps} (lr {lrs[0]:.3g} at step {state['step']})"
             )
         for k, cb in self.callbacks.items():
-            cb.load_state_dict(state["callbacks"].get(k, {}))
-        self.state = TrainState(step=state["step"], val_history=[tuple(v) for v in state["val_history"]])  # type: ignore[misc]
+            cb.load_state_dict(state.get("callbacks", {}).get(k, {}))
+        history = [tuple(v) for v in state.get("val_history", [])]
+        self.state = TrainState(step=state["step"], val_history=history)  # type: ignore[arg-type]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
@@ -799,11 +865,44 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Operating-system errors that mean "this machine cannot store the run" (not a bug): reported in one line.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def storage_error(e: BaseException, out: Path) -> ckpt.CheckpointError | None:
+    """A failed read or write of the run's files as one line: the path, the reason, what is intact, what to do."""
+    if isinstance(e, ckpt.CheckpointError) and str(e).startswith("cannot write"):
+        text = str(e)
+        code = errno.ENOSPC if "No space" in text else None
+    elif isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        text, code = f"{e.filename or out}: {e.strerror}", e.errno
+    else:
+        return None
+    ckpts = ckpt.list_checkpoints(out / "checkpoints")
+    full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    todo = "free some space" if full else "make the output folder writable (or choose another --output)"
+    if ckpts:
+        return ckpt.CheckpointError(
+            f"{text}; the last checkpoint, {ckpts[-1]}, is intact; {todo} and continue with --resume latest"
+        )
+    return ckpt.CheckpointError(f"{text}; no checkpoint had been written yet; {todo} and start again")
+
+
 def train(recipe: Recipe, resume: str | None = None) -> Path | None:
     """Run a whole training job; returns the path of the final LoRA (None: stopped by a signal, checkpointed)."""
-    trainer = Trainer(recipe, resume)
-    trainer.setup()
-    return trainer.fit()
+    return run(Trainer(recipe, resume))
 
 
-__all__ = ["Trainer", "train"]
+def run(trainer: Trainer) -> Path | None:
+    """`trainer.setup()` then `fit()`, with a storage failure (disk full, read-only) turned into one line."""
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except Exception as e:
+        one_line = storage_error(e, trainer.out)
+        if one_line is None:
+            raise
+        raise one_line from None
+
+
+__all__ = ["Trainer", "run", "train"]

@@ -70,9 +70,10 @@ def test_latest_pointer_retention_and_interrupted_writes(tmp_path: Path) -> None
     for step in (2, 4, 6, 8):
         _save(tmp_path, step, model, opt, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-6", "step-8"]
-    assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "step-8"
+    assert ckpt.resolve_resume("latest", tmp_path)[0] == tmp_path / "step-8"
 
-    # A write that dies half way (here: the LoRA export raises) leaves `latest` on the previous checkpoint.
+    # A write that dies half way (here: the LoRA export raises) leaves `latest` on the previous checkpoint
+    # and no temporary folder.
     def boom(p: Path) -> None:
         raise OSError("disk full")
 
@@ -80,15 +81,16 @@ def test_latest_pointer_retention_and_interrupted_writes(tmp_path: Path) -> None
         ckpt.save_checkpoint(
             tmp_path, 10, trainable_state(model), optimizer_state(opt), {"step": 10}, {}, export_lora=boom, keep_last=2
         )
-    assert (tmp_path / ".tmp-step-10").exists()
-    assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "step-8"
-    # The next good save cleans the debris.
+    assert not (tmp_path / ".tmp-step-10").exists()
+    assert ckpt.resolve_resume("latest", tmp_path)[0] == tmp_path / "step-8"
+    # A kill leaves the temporary folder; the next good save cleans the debris.
+    (tmp_path / ".tmp-step-10").mkdir()
     _save(tmp_path, 12, model, opt, keep=2)
     assert not (tmp_path / ".tmp-step-10").exists()
     # A missing or garbled pointer falls back to the newest complete checkpoint.
     (tmp_path / "latest").write_text("step-999\n")
-    assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "step-12"
-    assert ckpt.resolve_resume("latest", tmp_path / "nothing-here") is None
+    assert ckpt.resolve_resume("latest", tmp_path)[0] == tmp_path / "step-12"
+    assert ckpt.resolve_resume("latest", tmp_path / "nothing-here")[0] is None
 
 
 def test_bad_resume_targets_give_clear_errors(tmp_path: Path) -> None:
@@ -97,7 +99,7 @@ def test_bad_resume_targets_give_clear_errors(tmp_path: Path) -> None:
     model, opt = _model_and_optimizer()
     path = _save(tmp_path, 1, model, opt)
     (path / "optimizer.json").unlink()
-    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.json is missing"):
         ckpt.load_checkpoint(path, model, opt)
     path = _save(tmp_path, 2, model, opt)
     other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5))
