@@ -67,8 +67,7 @@ class LoraRef:
 
 def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
     """A LoRA from a `.safetensors` file or a checkpoint folder holding `lora.safetensors`."""
-    from safetensors import safe_open
-
+    from ..interop.layouts import scan_lora_file
     from ..interop.safety import require_safetensors
 
     path = Path(spec).expanduser()
@@ -82,12 +81,8 @@ def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
         else:
             raise CheckpointError(f"{what}: {spec} is a folder without {LORA_FILE}")
     require_safetensors(path, what)  # by extension and first bytes, never unpickled
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise CheckpointError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+    # Through the interop reader: a damaged file, NaN/inf tensors or a non-finite alpha are refused in one line.
+    metadata, _, shapes = scan_lora_file(path, what, keep=False)
     if not any("lora" in k for k in shapes):
         raise CheckpointError(f"{what}: {path} holds no LoRA tensors (no lora_A/lora_B keys)")
     run: Path | None = None

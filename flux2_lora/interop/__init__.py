@@ -25,7 +25,12 @@ file splits it back: block-diagonal B gives the three rank-r pairs again, any ot
 share the fused A (also exact).
 
 Only safetensors are read. A pickle-based file (.bin/.pt/.pth/.ckpt, or bytes that are not safetensors) is
-refused before anything in it is loaded: unpickling can run arbitrary code.
+refused before anything in it is loaded: unpickling can run arbitrary code. Every LoRA read in the product goes
+through `layouts.scan_lora_file` (export, --merge, lora inspect, train --init-lora, the eval commands): a file
+with a NaN/inf tensor or a non-finite alpha is refused in one line naming the file and the first bad tensor.
+
+Writing (export, --merge) goes to a temporary file or folder beside the output, renamed into place when
+complete: a failed write leaves nothing behind, and an existing output is replaced only with --overwrite.
 """
 
 from .commands import cmd_export, cmd_lora
@@ -50,6 +55,9 @@ from .layouts import (
     LoraModule,
     adapter_config,
     bfl_from_kohya,
+    check_alpha_metadata,
+    check_finite,
+    check_output_file,
     convert_tensors,
     describe_targets,
     detect_format,
@@ -60,11 +68,12 @@ from .layouts import (
     load_lora,
     parse_lora,
     require_plain,
+    scan_lora_file,
     split_fused,
     to_bfl,
     write_lora,
 )
-from .merge import MERGE_INFO, merge_lora
+from .merge import MERGE_INFO, check_output_folder, merge_lora
 from .safety import PICKLE_SUFFIXES, LoraFileError, require_safetensors, require_safetensors_folder, resolve_lora_path
 
 __all__ = [
@@ -80,9 +89,13 @@ __all__ = [
     "adapter_config",
     "apply_init_lora",
     "bfl_from_kohya",
+    "check_alpha_metadata",
     "check_family",
+    "check_finite",
     "check_fits",
     "check_init_lora",
+    "check_output_file",
+    "check_output_folder",
     "cmd_export",
     "cmd_lora",
     "convert_tensors",
@@ -105,6 +118,7 @@ __all__ = [
     "require_safetensors",
     "require_safetensors_folder",
     "resolve_lora_path",
+    "scan_lora_file",
     "split_fused",
     "to_bfl",
     "write_lora",

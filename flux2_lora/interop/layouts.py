@@ -6,17 +6,20 @@ Every LoRA is read into a dict from diffusers module names (`transformer_blocks.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import METADATA_PREFIX
+from ..checkpoint import METADATA_PREFIX, os_reason
 from .safety import LoraFileError, resolve_lora_path
 
 FORMATS = ("diffusers", "peft", "comfyui", "ai-toolkit", "kohya")
@@ -232,25 +235,106 @@ def _adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
     return {k.removeprefix("transformer."): v for k, v in cfg.items()} if isinstance(cfg, dict) else {}
 
 
-def _pattern_value(patterns: dict[str, Any], name: str) -> Any:
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+def _pattern_value(patterns: Any, name: str) -> Any:
+    if not isinstance(patterns, dict):
+        return None
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            raise LoraFileError(f"{ADAPTER_METADATA_KEY}: alpha_pattern key {key!r} is not a valid pattern") from None
     return None
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    """How many values of a floating tensor are NaN or inf (0 for integer tensors)."""
+    if not t.is_floating_point():
+        return 0
+    try:
+        ok = torch.isfinite(t)
+    except (RuntimeError, TypeError):  # dtypes without a CPU isfinite kernel (float8): check in fp32
+        ok = torch.isfinite(t.float())
+    return 0 if bool(ok.all()) else int((~ok).sum())
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], name: str, field: str = "--lora") -> None:
+    """Refuse a LoRA holding NaN or inf: it would break every image it touches (and every run started from it)."""
+    for k, t in tensors.items():
+        n = _non_finite(t)
+        if n:
+            raise LoraFileError(
+                f"{field}: {name}: tensor {k} has {n} non-finite values (NaN/inf); "
+                "this LoRA is broken, use an earlier checkpoint"
+            )
+
+
+def _alpha_number(value: Any, where: str, name: str, field: str) -> float:
+    if isinstance(value, bool):
+        value = str(value)
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise LoraFileError(f"{field}: {name}: {where} is not a number (got {value!r})") from None
+    if not math.isfinite(alpha):
+        raise LoraFileError(f"{field}: {name}: {where} is {value}, not a finite number; this LoRA is broken")
+    return alpha
+
+
+def check_alpha_metadata(metadata: Mapping[str, str], name: str, field: str = "--lora") -> None:
+    """Refuse a header whose alpha (the LoraConfig's lora_alpha and alpha_pattern, ours, kohya's) is NaN or inf,
+    or, in the LoraConfig that loaders compute the scale from, not a number at all."""
+    for key in (f"{METADATA_PREFIX}alpha", "ss_network_alpha"):
+        value = metadata.get(key)
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue  # a descriptive field ("null" when the recipe left alpha to the rank): not used for the scale
+        if not math.isfinite(number):
+            raise LoraFileError(f"{field}: {name}: metadata {key} is {value}, not a finite number; this LoRA is broken")
+    config = _adapter_config(dict(metadata))
+    if "lora_alpha" in config and config["lora_alpha"] is not None:
+        _alpha_number(config["lora_alpha"], f"{ADAPTER_METADATA_KEY} lora_alpha", name, field)
+    patterns = config.get("alpha_pattern") or {}
+    if isinstance(patterns, dict):
+        for k, v in patterns.items():
+            _alpha_number(v, f"{ADAPTER_METADATA_KEY} alpha_pattern[{k}]", name, field)
+
+
+def scan_lora_file(
+    path: Path, field: str = "--lora", keep: bool = True
+) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """The one reader of LoRA files: header, tensors and shapes of a safetensors file (checked beforehand to be
+    one, never unpickled), each tensor refused as it is read if it holds NaN or inf, and the header's alphas
+    checked. keep=False drops each tensor once checked (the caller wants the header and shapes only)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            for k in f.keys():  # noqa: SIM118 - safe_open has no items()
+                t = f.get_tensor(k)
+                check_finite({k: t}, str(path), field)
+                shapes[k] = tuple(t.shape)
+                if keep:
+                    tensors[k] = t
+    except LoraFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file of any kind: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoraFileError(f"{field}: {path} cannot be read as safetensors ({first})") from None
+    check_alpha_metadata(metadata, str(path), field)
+    return metadata, tensors, shapes
 
 
 def load_lora(spec: str | Path, field: str = "--lora") -> LoraFile:
     """Read a LoRA file in any of FORMATS (a run or checkpoint folder means its lora.safetensors)."""
-    from safetensors import safe_open
-
     path = resolve_lora_path(spec, field)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except Exception as e:  # noqa: BLE001 - a corrupt file of any kind: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LoraFileError(f"{field}: {path} cannot be read as safetensors ({first})") from None
+    metadata, tensors, _ = scan_lora_file(path, field)
     return parse_lora(tensors, metadata, path, field)
 
 
@@ -283,23 +367,29 @@ def parse_lora(
             raise LoraFileError(f"{field}: {name}: {stem} has no {missing} tensor")
     if unknown:
         raise LoraFileError(f"{field}: {name} has {len(unknown)} tensors that are not LoRA factors (e.g. {unknown[0]})")
+    check_finite(tensors, name, field)
+    check_alpha_metadata(metadata, name, field)
     config = _adapter_config(metadata)
     rslora = bool(config.get("use_rslora"))
     modules: dict[str, LoraModule] = {}
     fused = False
     for stem, p in sorted(parts.items()):
         down, up = p["down"], p["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
             raise LoraFileError(
                 f"{field}: {name}: {stem} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
-                "not a linear LoRA (down: rank x in, up: out x rank)"
+                "not a linear LoRA (down: rank x in, up: out x rank, rank at least 1)"
             )
         rank = int(down.shape[0])
         if "alpha" in p:
-            alpha = float(p["alpha"].float().item())
+            if p["alpha"].numel() != 1:
+                raise LoraFileError(f"{field}: {name}: {stem}.alpha has {p['alpha'].numel()} values, not one")
+            alpha = _alpha_number(p["alpha"].float().item(), f"tensor {stem}.alpha", name, field)
         elif config:
             a = _pattern_value(config.get("alpha_pattern", {}), stem)
-            alpha = float(a if a is not None else config.get("lora_alpha", rank))
+            if a is None:
+                a = config.get("lora_alpha")
+            alpha = _alpha_number(a if a is not None else rank, f"{ADAPTER_METADATA_KEY} alpha", name, field)
             if rslora:  # PEFT scales by alpha / sqrt(r) there
                 alpha = alpha * rank**0.5
         else:
@@ -545,17 +635,63 @@ def require_plain(lora: LoraFile) -> None:
         )
 
 
-def write_lora(lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None = None) -> Path:
-    """Write `lora` as `fmt` to `path` (atomically)."""
+def check_output_file(path: Path, overwrite: bool = False, field: str = "--output") -> None:
+    """Refuse a file path that cannot be written (a folder, or under a file), and an existing file unless
+    `overwrite`. A missing parent folder is fine: it is created."""
+    for parent in path.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise LoraFileError(f"{field}: {path}: {parent} is a file, not a folder; choose another path")
+            break
+    if path.is_dir():
+        raise LoraFileError(f"{field}: {path} is a folder; pass a file path (e.g. {path / 'lora.safetensors'})")
+    if path.exists() and not path.is_file():
+        raise LoraFileError(f"{field}: {path} exists and is not a regular file; choose another path")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise LoraFileError(f"{field}: {path} exists; pass --overwrite to replace it")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, nearest the root first."""
+    missing = [d for d in (folder, *folder.parents) if not (d.exists() or d.is_symlink())]
+    return missing[::-1]
+
+
+def write_lora(lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None = None, overwrite: bool = True) -> Path:
+    """Write `lora` as `fmt` to `path`, atomically: a temporary file beside it, renamed over it once complete.
+
+    An existing file is replaced only with `overwrite`; a missing parent folder is created. A write that fails
+    (disk full, read-only, no permission, interrupted) leaves nothing behind: no temporary file, no folder it
+    created, the old file as it was; an operating-system failure is one LoraFileError line with the reason."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     if fmt not in EXPORT_FORMATS:
         raise LoraFileError(f"--format: unknown format {fmt!r} (use {', '.join(EXPORT_FORMATS)})")
     require_plain(lora)
+    check_output_file(path, overwrite)
     tensors = convert_tensors(lora, fmt, dtype)
     header = export_metadata(lora, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    done = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        done = True
+    except Exception as e:
+        reason = os_reason(e)
+        if reason is None:
+            raise
+        raise LoraFileError(f"--output: cannot write {path}: {reason}") from None
+    finally:
+        if not done:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return path

@@ -522,7 +522,14 @@ def cmd_ui(argv: list[str]) -> int:
     p = command_parser("ui", "The web app: Dataset, Training, Evaluation and Optimization tabs.")
     p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (loopback by default).")
     p.add_argument("--port", type=int, default=7860, help="Port.")
-    p.add_argument("--share", type=bool, default=False, help="Also open a public Gradio share link (needs --auth).")
+    p.add_argument(
+        "--share",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Also open a public Gradio share link (needs --auth); a bare --share means true.",
+    )
     p.add_argument("--auth", type=str | None, default=None, help="USER:PASSWORD required to open the app.")
     p.add_argument("--auth-file", type=str | None, default=None, help="File of USER:PASSWORD lines.")
     p.add_argument(
