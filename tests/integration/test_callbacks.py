@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flux2_lora import train as train_mod
+from flux2_lora.callbacks import TrainingError
 from flux2_lora.cli import parse_train
 from flux2_lora.train import Trainer
 
@@ -49,15 +50,23 @@ def test_nan_guard_skips_updates_and_stops_after_k_in_a_row(
         return loss
 
     monkeypatch.setattr(train_mod, "flow_loss", flaky)
-    trainer = _run(tmp_path, "--steps", "40", "--callbacks.nan_max_consecutive", "3", "--validation.every_n_steps", "0")
-    # Steps 3, 6, 7, 8 are non-finite; the third in a row (step 8) stops the run.
+    recipe, _ = parse_train(
+        ["--preset", "tiny", "--output", str(tmp_path), "--validation.prompts", "[]", "--logging.log_every", "1"]
+        + ["--steps", "40", "--callbacks.nan_max_consecutive", "3", "--validation.every_n_steps", "0"]
+    )
+    trainer = Trainer(recipe)
+    trainer.setup()
+    # Steps 3, 6, 7, 8 are non-finite; the third in a row (step 8) stops the run, which then fails (exit 1).
+    with pytest.raises(TrainingError, match="training stopped at step 8: 3 non-finite steps in a row"):
+        trainer.fit()
     assert trainer.state.step == 8
     out = capsys.readouterr().out
     assert "step 3: non-finite" in out and "3 non-finite steps in a row" in out
-    # Weights stayed finite (the NaN updates were skipped) and the stop left a checkpoint.
+    # Weights stayed finite (the NaN updates were skipped) and the stop left a checkpoint, but no final LoRA.
     lora = trainer.accelerator.unwrap_model(trainer.model)
     assert all(torch.isfinite(p).all() for p in lora.parameters() if p.requires_grad)
     assert (tmp_path / "checkpoints" / "step-8").exists()
+    assert not (tmp_path / "lora.safetensors").exists()
 
 
 def test_early_stopping_on_validation_loss(tmp_path: Path, tiny_dev: Path, sample_data: Path) -> None:
