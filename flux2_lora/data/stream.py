@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
-from .cache import CacheIndex
-from .folder import DataError
+from .buckets import MULTIPLE
+from .cache import CacheCorrupt, CacheIndex
 
 
 def auto_workers(device_type: str, local_processes: int = 1) -> int:
@@ -152,16 +152,25 @@ class CachedSamples(Dataset):  # type: ignore[type-arg]
 
     def read(self, i: int) -> dict[str, Any]:
         e = self.entries[i]
-        data = os.pread(self._fd(e.url), e.size, e.offset)  # only this sample's bytes
+        try:
+            data = os.pread(self._fd(e.url), e.size, e.offset)  # only this sample's bytes
+        except OSError as err:
+            raise CacheCorrupt(self.index.root, e.url, f"cannot be read ({err.strerror or err})", e.key) from None
         try:
             if len(data) != e.size:
-                raise ValueError("short read")
+                raise ValueError(f"short read: {len(data)} of {e.size} bytes")
             tensors = load_safetensors(data)
         except Exception as err:  # noqa: BLE001 - a changed or truncated shard is a data error naming it
-            raise DataError(
-                f"{self.index.root / e.url}: sample {e.key!r} cannot be read at its indexed offset ({err}); "
-                "the shard changed after the cache was made: rebuild it with `flux2-lora data cache`"
-            ) from None
+            why = f"cannot be read at its indexed offset ({err}): the shard changed after the cache was opened"
+            raise CacheCorrupt(self.index.root, e.url, why, e.key) from None
+        w, h = e.bucket
+        lat = tensors.get("latents")
+        if lat is None or "prompt_embeds" not in tensors or tuple(lat.shape[1:]) != (h // MULTIPLE, w // MULTIPLE):
+            found = (
+                f"its latents are {'x'.join(map(str, lat.shape))}" if lat is not None else f"it holds {sorted(tensors)}"
+            )
+            why = f"index.json lists it as {w}x{h}, but {found} (`flux2-lora data validate` checks every sample)"
+            raise CacheCorrupt(self.index.root, e.url, why, e.key)
         return {"key": e.key, "bucket": e.bucket, **tensors}
 
     def __getitem__(self, slot: Slot) -> dict[str, Any]:

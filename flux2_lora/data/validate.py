@@ -3,6 +3,10 @@
 Nothing here raises for a bad file: each check is caught per file and becomes a `Problem`. Errors are what would
 stop or corrupt training (the exit code is 1 when there is one); warnings are worth a look but train fine.
 Symbolic links are refused and never followed: their targets are not opened, stat-ed or resolved.
+
+Given a cache folder (index.json + shards, from `flux2-lora data cache` or a run's OUTPUT/cache/<digest>), it checks
+the cache instead: index.json against every tar header and every sample's tensors (cache.audit_cache), one line per
+mismatch naming the shard and the sample.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     n_images: int = 0
     n_ok: int = 0
+    unit: str = "image"  # what n_images counts ("sample" for a cache)
+    absolute: bool = False  # problems shown with their full path (a cache's lines name its folder)
+    advice: str | None = None  # what to do about the errors, appended to the summary line
 
     @property
     def has_errors(self) -> bool:
@@ -80,6 +87,8 @@ class Report:
 
     def rel(self, path: Path) -> str:
         """A problem's path as shown: relative to the dataset root ("." for the root itself)."""
+        if self.absolute:
+            return str(path)
         try:
             return path.relative_to(self.root).as_posix() if path != self.root else "."
         except ValueError:
@@ -566,10 +575,30 @@ def format_report(report: Report) -> str:
     for p in report.problems:
         lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {report.rel(p.path)}: {p.reason}")
     lines.append(
-        f"{_plural(report.n_images, 'image')}: {report.n_ok} ok, "
+        f"{_plural(report.n_images, report.unit)}: {report.n_ok} ok, "
         f"{_plural(report.n_errors, 'error')}, {_plural(report.n_warnings, 'warning')}"
+        + (f"; {report.advice}" if report.advice and report.has_errors else "")
     )
     return "\n".join(lines)
+
+
+def is_cache(root: str | os.PathLike[str]) -> bool:
+    """True for a cache folder (it has an index.json), which `data validate` checks as a cache."""
+    return (Path(root) / "index.json").is_file()
+
+
+def validate_cache(root: str | os.PathLike[str]) -> Report:
+    """Check a cache folder against its index.json in full: one Problem (shard, sample, reason) per mismatch."""
+    from .cache import audit_cache, rebuild_hint
+
+    path = dataset_root(root)
+    problems, listed, ok = audit_cache(path)
+    report = Report(root=path, n_images=listed, n_ok=ok, unit="sample", absolute=True)
+    for p in problems:
+        reason = p.reason if p.key is None else f"sample {p.key!r}: {p.reason}"
+        report.problems.append(Problem(path / p.file, "error", "corrupt-cache", reason))
+    report.advice = f"the cache is corrupt: {rebuild_hint(path)}"
+    return report
 
 
 # ------------------------------------------------------------------------------------------------------- fixing
@@ -755,9 +784,14 @@ def validate_parser() -> Any:
     from ..cli import command_parser
 
     p = command_parser(
-        "data validate", "Check a dataset folder: every problem on one line; exit code 1 when there is an error."
+        "data validate",
+        "Check a dataset folder or a cache folder: every problem on one line; exit code 1 when there is an error.",
     )
-    p.add_argument("--dataset", type=str, required=True, help="Dataset folder (images with .txt captions).")
+    p.add_argument("folder", type=str | None, nargs="?", default=None, help="The folder (or give it as --dataset).")
+    p.add_argument(
+        "--dataset", type=str | None, default=None,
+        help="Dataset folder (images with .txt captions), or a cache folder (index.json + shards) to check in full.",
+    )  # fmt: skip
     p.add_argument("--fix", type=str | None, default=None, help="Write a cleaned copy into this new folder.")
     p.add_argument("--max-file-mb", type=float, default=50.0, help="Largest image file accepted, in MB.")
     p.add_argument("--min-resolution", type=int, default=256, help="Smallest short side accepted, in pixels.")
@@ -770,10 +804,18 @@ def validate_parser() -> Any:
 
 def cmd_validate(argv: list[str]) -> int:
     """`flux2-lora data validate ARGS` (argv without `data validate`): 1 when the dataset has errors, else 0."""
-    from ..cli import _parse
+    from ..cli import CliError, _parse
 
     a = _parse(validate_parser(), argv)
-    root = dataset_root(a.dataset)
+    if (a.folder is None) == (a.dataset is None):
+        raise CliError("data validate: give the folder to check (`data validate FOLDER` or --dataset FOLDER), once")
+    root = dataset_root(a.folder or a.dataset)
+    if is_cache(root):
+        if a.fix:
+            raise CliError(f"--fix: {root} is a cache folder, which cannot be fixed (rebuild it instead)")
+        report = validate_cache(root)
+        print(format_report(report))
+        return 1 if report.has_errors else 0
     tokenizer, overhead = load_tokenizer(a.model) if a.model else (None, 0)
     options: dict[str, Any] = dict(
         max_file_mb=a.max_file_mb,
