@@ -39,7 +39,7 @@ USAGE = """usage: flux2-lora COMMAND [ARGS]
 
 commands:
   train              train a FLUX.2 LoRA from a recipe (--preset NAME | --config FILE, dotted overrides)
-  data validate      report every problem in a dataset folder (--fix OUT writes a cleaned copy)
+  data validate      report every problem in a dataset or cache folder (--fix OUT writes a cleaned copy)
   data analyze       resolution, aspect and caption statistics, and a histogram PNG
   data augment       caption-preserving flips, crops and colour jitter for small datasets
   data shard         write webdataset tar shards of a validated folder
