@@ -263,7 +263,8 @@ def _step_of(p: Path) -> int:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    if not root.exists():
+    """The `step-N` folders in `root`, oldest first."""
+    if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and _step_of(p) >= 0]
     return sorted(dirs, key=_step_of)
@@ -282,10 +283,13 @@ def _retain(root: Path, keep_last: int, current: Path) -> None:
 def point_latest(root: Path) -> None:
     """`latest` names the newest checkpoint in `root`, or is removed when there is none."""
     ckpts = list_checkpoints(root)
+    pointer = root / "latest"
+    if pointer.is_dir() and not pointer.is_symlink():  # not ours: set it aside like a replaced checkpoint
+        os.replace(pointer, root / f"set-aside-latest-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
     if ckpts:
-        atomic_write_text(root / "latest", ckpts[-1].name + "\n")
+        atomic_write_text(pointer, ckpts[-1].name + "\n")
     else:
-        (root / "latest").unlink(missing_ok=True)
+        pointer.unlink(missing_ok=True)
 
 
 def set_aside_after(root: Path, step: int) -> list[Path]:
@@ -293,7 +297,7 @@ def set_aside_after(root: Path, step: int) -> list[Path]:
     `root/set-aside-<UTC time>/`, keep nothing pointing at them, and return where they are now."""
     later = [p for p in list_checkpoints(root) if _step_of(p) > step]
     if not later:
-        if root.exists():
+        if root.is_dir():
             point_latest(root)
         return []
     aside = root / f"set-aside-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
@@ -367,6 +371,15 @@ def check_checkpoint(path: Path) -> str | None:
     missing = [k for k in _tensor_refs(opt["state"]) if k not in keys["optimizer.safetensors"]]
     if missing:
         return f"optimizer.safetensors is damaged ({len(missing)} optimizer tensors missing, e.g. {missing[0]})"
+    # The weights themselves (a LoRA's size): NaN/inf is never written, so it can only be damage.
+    try:
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open has no items()
+                t = f.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"trainable.safetensors is damaged ({k} has non-finite values)"
+    except Exception as e:
+        return f"trainable.safetensors is damaged ({_first_line(e)})"
     return None
 
 
@@ -427,9 +440,6 @@ def load_checkpoint(
     if reason is not None:
         raise CheckpointError(f"--resume: {path} cannot be resumed: {reason}")
     saved = _load(path, "trainable.safetensors")
-    bad = [n for n, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CheckpointError(f"--resume: {path}/trainable.safetensors: {bad[0]} has non-finite values (NaN/inf)")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]

@@ -164,6 +164,12 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock = _lock_output(self.out)
+            for name in ("checkpoints", "samples", "logs"):
+                if (self.out / name).exists() and not (self.out / name).is_dir():
+                    raise ckpt.CheckpointError(
+                        f"output.dir: {self.out / name} is a file where the run keeps its {name} folder; "
+                        "choose another --output"
+                    )
             if not self.resume and ckpt.list_checkpoints(self.out / "checkpoints"):
                 raise ckpt.CheckpointError(
                     f"output.dir: {self.out} already holds checkpoints; continue it with --resume latest "
@@ -873,19 +879,24 @@ def storage_error(e: BaseException, out: Path) -> ckpt.CheckpointError | None:
     """A failed read or write of the run's files as one line: the path, the reason, what is intact, what to do."""
     if isinstance(e, ckpt.CheckpointError) and str(e).startswith("cannot write"):
         text = str(e)
-        code = errno.ENOSPC if "No space" in text else None
+        reasons = {os.strerror(n): n for n in STORAGE_ERRNOS}
+        code = next((n for r, n in reasons.items() if text.endswith(r)), None)
     elif isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
         text, code = f"{e.filename or out}: {e.strerror}", e.errno
     else:
         return None
     ckpts = ckpt.list_checkpoints(out / "checkpoints")
-    full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    todo = "free some space" if full else "make the output folder writable (or choose another --output)"
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        todo = "free some space and "
+    elif code is not None:
+        todo = "make the output folder writable (or choose another --output) and "
+    else:
+        todo = ""
     if ckpts:
         return ckpt.CheckpointError(
-            f"{text}; the last checkpoint, {ckpts[-1]}, is intact; {todo} and continue with --resume latest"
+            f"{text}; the last checkpoint, {ckpts[-1]}, is intact; {todo}continue with --resume latest"
         )
-    return ckpt.CheckpointError(f"{text}; no checkpoint had been written yet; {todo} and start again")
+    return ckpt.CheckpointError(f"{text}; no checkpoint had been written yet; {todo}start again")
 
 
 def train(recipe: Recipe, resume: str | None = None) -> Path | None:
