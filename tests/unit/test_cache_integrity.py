@@ -327,7 +327,7 @@ def test_a_swapped_bucket_of_the_same_size_is_found_by_validate_and_when_read(co
     ids=["no-flip", "flip-shape", "channels", "sequence", "dtype"],
 )
 def test_what_a_sample_of_a_flipped_cache_must_hold(tensors: dict[str, Any], reason: str) -> None:
-    from flux2_lora.data.cache import _Bad, _Expect
+    from flux2_lora.data.cache_check import _Bad, _Expect
 
     expect = _Expect(seq=64, flip=True, buckets={(64, 64)}, dim=48)
     good = {"latents": ("F32", [16, 4, 4]), "latents_flip": ("F32", [16, 4, 4]), "prompt_embeds": ("F32", [64, 48])}
