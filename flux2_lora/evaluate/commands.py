@@ -512,7 +512,21 @@ def select_best(ev: Evaluator, a: Any, weights: dict[str, float], out: Path) -> 
     need_images = weights["clip"] > 0 or weights["diversity"] > 0 or weights["overfit"] > 0
     if weights["diversity"] > 0 and len(a.seeds) < 2:
         raise EvalError("--seeds: diversity needs at least two seeds (or --weight-diversity 0)")
-    clip = _clip(a, ev.device) if need_images else None
+    clip = None
+    if need_images:
+        try:
+            clip = _clip(a, ev.device)
+        except EvalError:
+            # No CLIP weights given and none found: rank by validation loss, as the web app does. Weights given
+            # explicitly that cannot be used stay an error, and so does a ranking that asked for no loss term.
+            if a.clip_weights is not None or weights["loss"] <= 0 or not 0.0 < a.overfit_threshold <= 1.0:
+                raise
+            print(
+                f"select-best: no CLIP weights for {a.clip_model} (--clip-weights FILE.safetensors, or open_clip "
+                "weights in the hub cache): ranking by validation loss only"
+            )
+            weights.update(clip=0.0, diversity=0.0, overfit=0.0)
+            need_images = False
     need_loss = weights["loss"] > 0 and any(logged_val_loss(r) is None for r in ev.refs)
     data = _training_data(a, ev, required=need_loss or weights["overfit"] > 0)
     train = None

@@ -281,6 +281,27 @@ def test_select_best_with_only_loss_weighted_picks_the_lowest_val_loss(run: Path
     assert f"**Best: {result['best']['checkpoint']}**" in (out / "ranking.md").read_text()
 
 
+def test_select_best_without_clip_weights_ranks_by_validation_loss_and_says_so(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("flux2_lora.evaluate.clip.hub_cached_weights", lambda arch, tag=None: None)
+    out = tmp_path / "sb"
+    assert main(["eval", "select-best", "--run", str(run), "--output", str(out)]) == 0  # the default weights
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "select-best: no CLIP weights for ViT-B-32 (--clip-weights FILE.safetensors, or open_clip weights in the hub "
+        "cache): ranking by validation loss only"
+    ) in lines
+    result = json.loads((out / "ranking.json").read_text())
+    assert result["weights"]["clip"] == result["weights"]["diversity"] == result["weights"]["overfit"] == 0.0
+    logged = {r["step"]: r["val_loss"] for r in _metrics(run) if "val_loss" in r and r["step"] in (2, 4)}
+    assert result["best"]["checkpoint"] == f"step-{min(logged, key=logged.__getitem__)}"
+    # Weights named explicitly that do not exist are still an error.
+    missing = str(tmp_path / "nope.safetensors")
+    assert main(["eval", "select-best", "--run", str(run), "--clip-weights", missing, "--output", str(out)]) == 2
+    assert "nope.safetensors does not exist" in capsys.readouterr().err
+
+
 def test_select_best_with_clip_terms_ranks_by_the_documented_formula(run: Path, clip_files: SimpleNamespace,
                                                                      tmp_path: Path) -> None:  # fmt: skip
     out = tmp_path / "sb2"
