@@ -284,11 +284,28 @@ def _inside(path: Path, root: Path) -> bool:
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
-def _sniff(path: Path) -> str | None:
+def _head(path: Path, n: int = 16) -> bytes:
+    """The first bytes of a file (nothing on a read error): all that validation ever reads of a foreign file."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(n)
     except OSError:
+        return b""
+
+
+def _foreign_kind(path: Path) -> str | None:
+    """What a file that is neither image nor caption is, where its first bytes say so (never opened further)."""
+    head = _head(path)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle; it is never opened past its first bytes"
+    if head.startswith(b"PK\x03\x04") and path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+        return "a PyTorch archive, which holds pickles; it is never opened past its first bytes"
+    return None
+
+
+def _sniff(path: Path) -> str | None:
+    head = _head(path)
+    if not head:
         return None
     for magic, name in MAGIC:
         if head.startswith(magic):
@@ -407,6 +424,9 @@ class _Checker:
         if kind is not None:
             why = f"a {kind} image named {name!r} is not read by training (rename or convert it to {allowed})"
             self.add(path, "error", "bad-extension", why)
+            return
+        note = _foreign_kind(path)
+        self.add(path, "warning", "ignored", "ignored: not an image or caption" + (f" ({note})" if note else ""))
 
     def image(self, path: Path, size: int, metadata: dict[Path, tuple[str, int]]) -> None:
         limit = self.opts.max_file_mb * 2**20

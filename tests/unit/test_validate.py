@@ -46,7 +46,10 @@ EXPECTED: dict[str, list[str]] = {
     "meta/m1.png": [],
     "meta/m2.png": [],
     "meta/m3.png": ["empty-caption"],
-    "notes.md": [],
+    "notes.md": ["ignored"],
+    "model.pt": ["ignored"],
+    "weights.bin": ["ignored"],
+    "script.py": ["ignored"],
     ".DS_Store": [],
     "metadata.jsonl": ["bad-metadata", "bad-metadata", "bad-metadata"],
     "anim.gif": ["bad-extension"],
@@ -73,7 +76,9 @@ EXPECTED: dict[str, list[str]] = {
     "link_in.png": ["symlink"],
     "linkdir": ["outside-root", "symlink"],
 }
-WARNING_CODES = {"caption-bom", "caption-too-long", "orphan-caption", "duplicate", "extreme-aspect", "animated"}
+WARNING_CODES = {
+    "caption-bom", "caption-too-long", "orphan-caption", "duplicate", "extreme-aspect", "animated", "ignored",
+}  # fmt: skip
 
 
 class WordTokenizer:
@@ -138,6 +143,9 @@ def make_corpus(root: Path, outside: Path) -> None:
         '{"file_name": "meta/m3.png", "text": " "}\n'  # an empty caption
     )
     (root / "notes.md").write_text("# how I collected these\n")
+    (root / "model.pt").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle's first bytes (never unpickled)
+    (root / "weights.bin").write_bytes(b"PK\x03\x04" + b"\x00" * 64)  # torch.save's zip container
+    (root / "script.py").write_text("print('hello')\n")
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     _picture(root / "anim.gif", (300, 300), 20)
     _picture(root / "scan.bmp", (300, 300), 21)
@@ -241,6 +249,36 @@ def test_reasons_say_what_and_where(corpus: Path) -> None:
     assert "64x64" in reason("tiny.png", "too-small")
     assert "MB" in reason("big.png", "too-large")
     assert str(corpus.parent / "outside" / "secret.png") in reason("link.png", "symlink")
+
+
+def test_files_that_are_not_part_of_the_dataset_are_named_and_never_opened(
+    corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    def never(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a dataset file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", never)
+    monkeypatch.setattr(pickle, "loads", never)
+    report = _validate(corpus)
+
+    def reason(name: str) -> str:
+        return next(p.reason for p in report.problems if p.path == report.root / name)
+
+    assert reason("notes.md") == "ignored: not an image or caption"
+    assert reason("script.py") == "ignored: not an image or caption"
+    assert (
+        reason("model.pt")
+        == "ignored: not an image or caption (a Python pickle; it is never opened past its first bytes)"
+    )
+    assert reason("weights.bin") == (
+        "ignored: not an image or caption (a PyTorch archive, which holds pickles; it is never opened past its first bytes)"
+    )
+    out = corpus.parent / "clean"
+    fix_dataset(corpus, out, report)
+    assert not any((out / name).exists() for name in ("model.pt", "weights.bin", "script.py", "notes.md"))
+    assert "model.pt: not copied (not an image or a caption)" in (out / "FIXES.txt").read_text()
 
 
 def test_counts_and_summary_line(corpus: Path) -> None:
