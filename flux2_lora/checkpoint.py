@@ -130,8 +130,20 @@ def save_lora(
 
     Keys are `transformer.<module>.lora_A/B.weight`; the header carries diffusers' adapter metadata
     and `flux2_lora.*` fields (base model, trigger, rank, alpha, targets, steps).
+
+    The scale alpha/rank is multiplied into each lora_B and the file says alpha = rank (scale 1), so every reader
+    applies the same update, also those that ignore the header's alpha (ComfyUI's loader applies scale 1 to a
+    diffusers-format file). The recipe's alpha stays in `flux2_lora.alpha`; `flux2_lora.scale_in_B` says it was
+    folded in.
     """
     layers = lora_state_dict(transformer, state_dict)
+    scale = float(lora_config.get("lora_alpha") or lora_config["r"]) / float(lora_config["r"])
+    if lora_config.get("rank_pattern") or lora_config.get("alpha_pattern") or lora_config.get("use_rslora"):
+        raise CheckpointError(f"{path}: per-module ranks or alphas (rank_pattern/alpha_pattern, rsLoRA) are not saved")
+    if scale != 1.0:
+        layers = {k: (v * scale if ".lora_B." in k else v) for k, v in layers.items()}
+    lora_config = {**lora_config, "lora_alpha": lora_config["r"]}
+    metadata = {**metadata, "scale_in_B": scale}
     if dtype is not None:
         layers = {k: v.to(dtype) for k, v in layers.items()}
     check_finite(layers, str(path))

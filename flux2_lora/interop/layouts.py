@@ -506,10 +506,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def convert_tensors(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The LoRA's tensors under `fmt`'s keys (EXPORT_FORMATS)."""
     out: dict[str, torch.Tensor] = {}
-    if fmt == "diffusers":
+    if fmt == "diffusers":  # the scale multiplied into B, alpha = rank (adapter_config): scale 1 in every reader
         for name, m in sorted(lora.modules.items()):
+            up = m.up if m.scale == 1.0 else (m.up.float() * m.scale).to(m.up.dtype)
             out[f"transformer.{name}.lora_A.weight"] = _cast(m.down, dtype)
-            out[f"transformer.{name}.lora_B.weight"] = _cast(m.up, dtype)
+            out[f"transformer.{name}.lora_B.weight"] = _cast(up, dtype)
         return out
     groups = _bfl_groups(lora)
     for bfl, parts in groups.items():
@@ -539,14 +540,14 @@ def most_common(counter: Counter[Any]) -> Any:
 
 
 def adapter_config(lora: LoraFile) -> dict[str, Any]:
-    """A PEFT LoraConfig dict that reproduces the modules' ranks and alphas (for diffusers' loader)."""
+    """The PEFT LoraConfig dict for `convert_tensors(lora, "diffusers")` (for diffusers' loader): the modules'
+    ranks, and alpha = rank everywhere, since those tensors carry each scale in B."""
     r = most_common(lora.ranks())
-    alpha = most_common(lora.alphas())
     return {
         "r": r,
-        "lora_alpha": alpha,
+        "lora_alpha": r,
         "rank_pattern": {re.escape(n): m.rank for n, m in lora.modules.items() if m.rank != r},
-        "alpha_pattern": {re.escape(n): m.alpha for n, m in lora.modules.items() if m.alpha != alpha},
+        "alpha_pattern": {re.escape(n): m.rank for n, m in lora.modules.items() if m.rank != r},
         "target_modules": sorted(lora.modules),
         "lora_dropout": 0.0,
         "bias": "none",
@@ -610,11 +611,8 @@ def export_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
     if ours["trigger"]:
         header["modelspec.trigger_phrase"] = ours["trigger"]
     if fmt == "diffusers":
-        if lora.format == "diffusers" and ADAPTER_METADATA_KEY in md:
-            header[ADAPTER_METADATA_KEY] = md[ADAPTER_METADATA_KEY]
-        else:
-            cfg = adapter_config(lora)
-            header[ADAPTER_METADATA_KEY] = json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True)
+        cfg = adapter_config(lora)  # alpha = rank: the scale is in B
+        header[ADAPTER_METADATA_KEY] = json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True)
         header["format"] = "pt"
     elif fmt == "kohya":
         header["ss_network_dim"] = str(rank)

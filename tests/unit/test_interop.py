@@ -45,7 +45,9 @@ def _diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
 
 def test_the_training_output_reads_as_diffusers(lora: LoraFile) -> None:
     assert lora.format == "diffusers"
-    assert set(lora.ranks()) == {4} and set(lora.alphas()) == {6.0}
+    # Trained at alpha 6, rank 4: the scale 1.5 is in B and the file says alpha = rank (scale 1 for any reader).
+    assert set(lora.ranks()) == {4} and set(lora.alphas()) == {4.0}
+    assert lora.metadata["flux2_lora.alpha"] == "6.0" and lora.metadata["flux2_lora.scale_in_B"] == "1.5"
     assert interop.describe_targets(set(lora.modules)) == "all-linear"
     assert len(lora.modules) == 2 * 12 + 2 * 2  # 12 linears per double block, 2 per single block
 
@@ -85,8 +87,8 @@ def test_key_layouts(lora: LoraFile, tmp_path: Path) -> None:
     assert "diffusion_model.single_blocks.1.linear1.lora_A.weight" in comfy
     assert "diffusion_model.double_blocks.1.txt_mlp.2.lora_B.weight" in comfy
     assert not any(k.endswith(".alpha") for k in comfy)  # the scale is in B
-    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == pytest.approx(18.0)  # 6 x 3: same scale
-    assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == pytest.approx(6.0)
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == pytest.approx(12.0)  # 4 x 3: same scale
+    assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == pytest.approx(4.0)
     assert kohya["lora_unet_double_blocks_1_txt_attn_proj.lora_up.weight"].shape[1] == 4
 
 
@@ -170,7 +172,7 @@ def test_the_tiny_shape_table_matches_the_tiny_model(tiny_dev: Path) -> None:
 
 def test_inspect_reports_format_rank_targets_and_the_model_it_fits(lora_path: Path, tmp_path: Path) -> None:
     info = interop.inspect_lora(str(lora_path))
-    assert info["format"] == "diffusers" and info["rank"] == 4 and info["alpha"] == 6.0
+    assert info["format"] == "diffusers" and info["rank"] == 4 and info["alpha"] == 4.0  # the scale is in B
     assert info["targets"] == "all-linear" and info["modules"] == 28
     tensors = load_file(str(lora_path))
     assert info["parameters"] == sum(t.numel() for t in tensors.values())
@@ -277,3 +279,25 @@ def test_dora_adapters_are_not_converted_or_merged(lora: LoraFile, tmp_path: Pat
     for fmt in interop.EXPORT_FORMATS:
         with pytest.raises(LoraFileError, match="dora.safetensors is a DoRA adapter"):
             interop.write_lora(dora, tmp_path / f"{fmt}.safetensors", fmt)
+
+
+def test_the_scale_is_in_b_so_a_reader_that_ignores_the_header_applies_the_same_update(
+    tmp_path: Path, tiny_dev: Path
+) -> None:
+    """Trained with alpha = 2 x rank: the file's B is twice the trained B and its header says alpha = rank, so a
+    loader that applies scale 1 (ComfyUI's, for a diffusers-format file) gets alpha/rank x B @ A."""
+    plain = load_file(str(make_random_lora(tiny_dev, tmp_path / "a4.safetensors", rank=4, alpha=4.0)))
+    double = make_random_lora(tiny_dev, tmp_path / "a8.safetensors", rank=4, alpha=8.0)
+    folded = load_file(str(double))
+    assert plain.keys() == folded.keys()
+    for k in plain:
+        assert torch.equal(folded[k], 2 * plain[k] if ".lora_B." in k else plain[k]), k
+    with safe_open(str(double), framework="pt") as f:
+        header = f.metadata()
+    config = json.loads(header["lora_adapter_metadata"])
+    assert config["transformer.r"] == config["transformer.lora_alpha"] == 4
+    assert header["flux2_lora.alpha"] == "8.0" and header["flux2_lora.scale_in_B"] == "2.0"
+    # Our reader and diffusers' converter agree: scale 1, the same update.
+    for name, delta in _diffusers_deltas(double).items():
+        m = interop.load_lora(double).modules[name]
+        assert m.scale == 1.0 and (delta - m.delta()).abs().max() < TOL, name
