@@ -49,6 +49,8 @@ def load_yaml(text: str, where: str) -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
+            if isinstance(key, (list, dict, set)):
+                raise ValueError(f"{where} line {line}: a key must be a plain name, not a {type(key).__name__}")
             if key in seen:
                 raise ValueError(f"{where} line {line}: duplicate key {key!r} (first at line {seen[key]})")
             seen[key] = line
@@ -57,6 +59,8 @@ def load_yaml(text: str, where: str) -> Any:
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a recipe or manifest") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         mark = getattr(e, "problem_mark", None)
@@ -371,6 +375,14 @@ def _nonfinite(obj: Any, prefix: str) -> tuple[str, float] | None:
     return None
 
 
+def user_path(value: str, field_name: str) -> Path:
+    """`value` with `~` expanded; an unknown `~user` is a RecipeError naming the field, not a RuntimeError."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as e:
+        raise RecipeError(f"{field_name}: {value}: {e}") from None
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -425,7 +437,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     if lo.init_from is not None:
-        _require(Path(lo.init_from).expanduser().exists(), "lora.init_from", f"{lo.init_from} does not exist")
+        _require(user_path(lo.init_from, "lora.init_from").exists(), "lora.init_from", f"{lo.init_from} does not exist")
         _require(not lo.use_dora, "lora.init_from", "cannot seed a DoRA adapter (set lora.use_dora false)")
     _require(d.dataset is not None or not need_data, "data.dataset", "is required (a folder of images + .txt captions)")
     pattern = d.dataset is not None and (d.dataset.startswith("pipe:") or "{" in d.dataset)  # checked when read
@@ -435,7 +447,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
                 d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)"
             )
         else:
-            path = Path(d.dataset).expanduser()
+            path = user_path(d.dataset, "data.dataset")
             _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
             _require(
                 path.is_dir() or path.suffix == ".tar", "data.dataset", f"{d.dataset} is not a folder or a .tar shard"
@@ -500,16 +512,16 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         )
     _require(0.0 < v.overfit_threshold <= 1.0, "validation.overfit_threshold", "must be in (0, 1]")
     if v.clip_weights is not None and (v.clip_score or v.overfit_check):
-        path = Path(v.clip_weights).expanduser()
+        path = user_path(v.clip_weights, "validation.clip_weights")
         _require(path.is_file(), "validation.clip_weights", f"{v.clip_weights} does not exist")
         _require(
             path.suffix == ".safetensors", "validation.clip_weights", f"{v.clip_weights} is not a .safetensors file"
         )
     _require(bool(o.dir), "output.dir", "must not be empty")
-    out = Path(o.dir).expanduser()
+    out = user_path(o.dir, "output.dir")
     _require(not out.exists() or out.is_dir(), "output.dir", f"{o.dir} is a file, not a folder; choose a folder")
     if d.dataset is not None and not pattern and not d.dataset.startswith("builtin:"):
-        data_dir = Path(d.dataset).expanduser().resolve()
+        data_dir = user_path(d.dataset, "data.dataset").resolve()
         _require(
             not (data_dir.is_dir() and _inside(out.resolve(), data_dir)),
             "output.dir",
