@@ -154,7 +154,7 @@ FILES: list[tuple[str, str, str]] = [
     ("not-yaml", "recipe: tiny\nresources: {nodes: 1\n", "MANIFEST: {path} line 3 is not valid YAML"),
     ("tab-indent", "recipe: tiny\nresources:\n\tnodes: 1\n", "MANIFEST: {path} line 3 is not valid YAML"),
     ("python-tag", "recipe: !!python/object:os.system {}\n", "MANIFEST: {path} line 1 is not valid YAML"),
-    ("list-as-key", "recipe: tiny\n? [a, b]\n: x\n", "MANIFEST: {path} is not a manifest YAML"),
+    ("list-as-key", "recipe: tiny\n? [a, b]\n: x\n", "MANIFEST: {path} line 2: a key must be a plain name, not a list"),
     ("no-recipe", "output: OUT\n", "recipe: required: a recipe YAML file or a preset name (base"),
     ("no-output", "recipe: tiny\n", "output: required: the output folder"),
     ("recipe-null", "recipe:\noutput: OUT\n", "recipe: must be a string (got null)"),
