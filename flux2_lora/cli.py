@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError, check_recipe_file, validate
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from .resources import recipes_dir
 
 # Short forms users know from other trainers -> dotted recipe fields.
 SHORT_FORMS = {
@@ -66,10 +65,6 @@ commands:
 
 class CliError(Exception):
     """A command-line mistake: printed as one line, exit code 2."""
-
-
-def recipes_dir() -> Path:
-    return Path(os.environ.get("FLUX2_LORA_RECIPES", RECIPES_DIR))
 
 
 def presets() -> list[str]:

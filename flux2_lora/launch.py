@@ -37,8 +37,25 @@ import yaml
 
 from .cli import CliError, _parse, command_parser, parse_train, presets, read_yaml
 from .config import RecipeError
+from .resources import launch_dir
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "launch" / "slurm"
+SLURM_DIR = launch_dir() / "slurm"  # the batch-script templates (inside the installed package, or the checkout's)
+
+
+def example_manifests() -> dict[str, Path]:
+    """The example manifests shipped with the package, by name (`flux2-lora launch NAME` runs one)."""
+    return {p.stem: p for p in sorted((launch_dir() / "manifests").glob("*.yaml"))}
+
+
+def manifest_path(spec: str) -> Path:
+    """MANIFEST as given: a file, or the name of an example manifest (`slurm-4nodes-fsdp`)."""
+    path = Path(spec).expanduser()
+    examples = example_manifests()
+    if not path.exists() and path.parent == Path(".") and path.stem in examples and path.suffix in ("", ".yaml"):
+        return examples[path.stem]
+    return path
+
+
 EXIT_REQUEUE = 75  # the trainer's exit code after a SIGUSR1/SIGTERM stop with a checkpoint written
 # Slurm --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds (minutes and seconds below 60, hours below 24 after days)
@@ -973,13 +990,18 @@ def cmd_launch(argv: list[str]) -> int:
         "launch",
         "Start a recipe as the MANIFEST says: `accelerate launch` here (local), an sbatch job (slurm) or a Ray job "
         "(ray). `command: tune` runs a sweep (Slurm: a Ray cluster in the job). Files go to OUTPUT/launch/. "
-        "Examples: launch/manifests/.",
+        "Examples ship with the package: " + ", ".join(example_manifests()) + " (`flux2-lora launch NAME --dry-run`).",
     )
-    p.add_argument("manifest", type=str, help="Manifest YAML (fields: see launch/manifests/ and the README).")
+    p.add_argument(
+        "manifest", type=str, help="Manifest YAML, or the name of an example (fields: see the examples and the README)."
+    )
     p.add_argument("--output", type=str | None, default=None, help="Use this output folder instead of the manifest's.")
     p.add_argument("--dry-run", action="store_true", help="Write the files and print the commands; run nothing.")
     a = _parse(p, argv)
-    m = load_manifest(a.manifest, output=a.output or None)
+    path = manifest_path(a.manifest)
+    if path != Path(a.manifest).expanduser():
+        print(f"example manifest: {path}")
+    m = load_manifest(path, output=a.output or None)
     pl = plan(m)
     try:
         files = write_files(pl)

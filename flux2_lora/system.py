@@ -481,6 +481,14 @@ def format_presets(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"from {recipes_dir()}; use one with `flux2-lora train --preset NAME` (later flags override it).")
     lines.append("mixed precision `auto`: model.dtype on a GPU, none on the CPU.")
+    from .resources import launch_dir
+
+    examples = sorted(p.stem for p in (launch_dir() / "manifests").glob("*.yaml"))
+    if examples:
+        lines.append(
+            f"example launch manifests ({launch_dir() / 'manifests'}): {', '.join(examples)}; "
+            "`flux2-lora launch NAME --dry-run` shows what one would run."
+        )
     lines += [f"unreadable preset {e}" for e in errors]
     return "\n".join(lines)
 
