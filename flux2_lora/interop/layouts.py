@@ -669,6 +669,7 @@ def write_lora(lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None =
     require_plain(lora)
     check_output_file(path, overwrite)
     tensors = convert_tensors(lora, fmt, dtype)
+    check_finite(tensors, str(path), "--output")  # e.g. a value past fp16's range after --dtype fp16: never written
     header = export_metadata(lora, fmt)
     created = _missing_folders(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")

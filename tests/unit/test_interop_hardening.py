@@ -334,3 +334,14 @@ def test_ui_share_is_a_bare_flag(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "[--share [{true,false}]]" in help_text and "a bare --share means true" in help_text
+
+
+def test_an_export_that_would_overflow_its_dtype_is_not_written(tmp_path: Path) -> None:
+    from flux2_lora.interop import LoraFile, LoraModule, write_lora
+
+    big = LoraModule(torch.ones(2, 4), torch.full((4, 2), 1e6), 2.0)
+    lora = LoraFile(format="diffusers", modules={"transformer_blocks.0.attn.to_q": big})
+    out = tmp_path / "f16.safetensors"
+    with pytest.raises(LoraFileError, match=r"--output: .*f16.safetensors: tensor .* non-finite values"):
+        write_lora(lora, out, "diffusers", dtype=torch.float16)
+    assert not out.exists() and not list(tmp_path.iterdir())
