@@ -403,12 +403,6 @@ def cmd_ui(argv: list[str]) -> int:
 COMMANDS["ui"] = cmd_ui
 
 
-def _rank_tag() -> str:
-    """`[rank N] ` on the processes of a multi-process launch other than the first (their errors can differ)."""
-    rank = os.environ.get("RANK", "0")
-    return "" if rank == "0" else f"[rank {rank}] "
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -435,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"flux2-lora: error: {e}", file=sys.stderr)
         return 2
-    except (DataError, ModelError, CheckpointError) as e:
-        print(f"flux2-lora: error: {_rank_tag()}{e}", file=sys.stderr)
+    except (DataError, ModelError, CheckpointError) as e:  # these can differ between processes: each says its own
+        print(f"flux2-lora: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
-        print(f"flux2-lora: error: {_rank_tag()}{e}", file=sys.stderr)
+        print(f"flux2-lora: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("flux2-lora: interrupted", file=sys.stderr)
