@@ -340,12 +340,13 @@ def _json_file(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def check_checkpoint(path: Path) -> str | None:
+def check_checkpoint(path: Path, values: bool = True) -> str | None:
     """Why the checkpoint folder `path` cannot be resumed, naming the file (None: it can).
 
     Cheap and complete for structure: every file is present, each safetensors header parses and its data is all
     there (safetensors checks the sizes against the header), the JSON files parse with the fields resuming reads,
-    and the optimizer's tensor references exist. Tensor values are checked when they are loaded."""
+    and the optimizer's tensor references exist; with `values`, the weights hold no NaN/inf (one read of
+    trainable.safetensors; load_checkpoint checks the values it loads instead of reading them twice)."""
     for name in RESUME_FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -383,6 +384,8 @@ def check_checkpoint(path: Path) -> str | None:
     missing = [k for k in _tensor_refs(opt["state"]) if k not in keys["optimizer.safetensors"]]
     if missing:
         return f"optimizer.safetensors is damaged ({len(missing)} optimizer tensors missing, e.g. {missing[0]})"
+    if not values:
+        return None
     # The weights themselves (a LoRA's size): NaN/inf is never written, so it can only be damage.
     try:
         with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
@@ -448,10 +451,15 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore trainable tensors and optimizer state in place; return (state, rng)."""
-    reason = check_checkpoint(path)
+    reason = check_checkpoint(path, values=False)  # the values are checked once loaded, below
     if reason is not None:
         raise CheckpointError(f"--resume: {path} cannot be resumed: {reason}")
     saved = _load(path, "trainable.safetensors")
+    bad = next((n for n, t in saved.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"--resume: {path} cannot be resumed: trainable.safetensors is damaged ({bad} has non-finite values)"
+        )
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
