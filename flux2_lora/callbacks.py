@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .errors import TrainingError
+
 
 class EarlyStopping:
     """Stop after `patience` validations without the validation loss improving by more than min_delta."""
@@ -79,12 +81,6 @@ class NanGuard:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.streak, self.skipped = d.get("streak", 0), d.get("skipped", 0)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot finish as asked: printed as one line; the process exits with `exit_code`."""
-
-    exit_code = 1
 
 
 class Interrupted(TrainingError):

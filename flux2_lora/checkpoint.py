@@ -33,15 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .distributed import global_shape, load_optimizer, load_trainable
+from .errors import CheckpointError
+from .resources import LORA_FILE, METADATA_PREFIX
 
-LORA_FILE = "lora.safetensors"
-METADATA_PREFIX = "flux2_lora."
 # What a resumable checkpoint holds besides its LoRA (which resuming does not read).
 RESUME_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used or written; the message names the path and the reason."""
 
 
 def os_reason(e: BaseException) -> str | None:

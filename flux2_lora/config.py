@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import RecipeError
+
 # Hidden-state layers of the text encoder that FLUX.2 stacks into the prompt embedding, per family.
 # diffusers: Flux2Pipeline uses (10, 20, 30) for Mistral-3; Flux2KleinPipeline (9, 18, 27) for Qwen3.
 FAMILY_TEXT_LAYERS: dict[str, tuple[int, ...]] = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
@@ -28,10 +30,6 @@ MAX_SEED = 2**32 - 1  # numpy's limit (accelerate.set_seed seeds numpy too)
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 LoraTargets = Literal["attention", "attention+single", "all-linear"]
-
-
-class RecipeError(ValueError):
-    """A recipe value is wrong. The message is one line that starts with the dotted field name."""
 
 
 def load_yaml(text: str, where: str) -> Any:

@@ -38,6 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .quant import is_quantizable
+
 GiB = 2**30
 
 # Transformer configs of the published FLUX.2 models (diffusers' scripts/convert_flux2_to_diffusers.py),
@@ -299,11 +301,6 @@ def build_meta_transformer(config: dict[str, Any], dtype: torch.dtype) -> Any:
         quiet.setLevel(level)
     model.requires_grad_(False)
     return model
-
-
-def is_quantizable(name: str, module: torch.nn.Module) -> bool:
-    """Block linears are quantized; embeddings, norms, modulation and the final projection stay high precision."""
-    return isinstance(module, torch.nn.Linear) and "transformer_blocks." in name and "lora_" not in name
 
 
 def simulate_step(transformer: Any, setup: Setup) -> tuple[int, int]:

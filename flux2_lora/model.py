@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import FAMILY_TEXT_LAYERS, ModelArgs, RecipeError, build_once, cache_root
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ def lora_target_modules(preset: str, num_single_layers: int) -> list[str]:
             + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(num_single_layers)]
         )
     raise RecipeError(f"lora.targets: unknown preset {preset!r}")
-
-
-class ModelError(RuntimeError):
-    """The model cannot be found or loaded; the message says what to do."""
 
 
 @dataclass
@@ -145,7 +142,7 @@ def _snapshot_from_hub(repo_id: str, revision: str | None) -> Path:
 def safetensors_only(folder: Path) -> Path:
     """A component folder, after checking that its weights are safetensors: pickle-based weights (.bin, .pt, .ckpt)
     are refused, never loaded, because unpickling can run arbitrary code."""
-    from .interop import LoraFileError, require_safetensors_folder
+    from .interop.safety import LoraFileError, require_safetensors_folder
 
     try:
         require_safetensors_folder(folder, "model.name_or_path")
@@ -587,3 +584,14 @@ def make_tiny_pipeline(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars are enough: silence the per-file bars of transformers and diffusers."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()

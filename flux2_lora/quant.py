@@ -1,7 +1,7 @@
 """A quantized frozen base: the transformer's block linears stored in int8 / fp8 (torchao) or nf4 (bitsandbytes).
 
 Only the linear layers inside `transformer_blocks` and `single_transformer_blocks` are quantized (the same rule as
-`memory.is_quantizable`); norms, embeddings (`x_embedder`, `context_embedder`, time/guidance embedders), the
+`is_quantizable` below); norms, embeddings (`x_embedder`, `context_embedder`, time/guidance embedders), the
 modulation layers and the final `norm_out` / `proj_out` stay at the model dtype. The LoRA is added afterwards by
 PEFT, which wraps torchao and bitsandbytes linears in its own LoRA layers, so the trained adapter is the same
 tensors under the same keys as without quantization.
@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from .memory import is_quantizable
-from .model import ModelError
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,11 @@ TEXT_ENCODER_KINDS = ("none", "int8", "nf4")
 
 class QuantizationError(ModelError):
     """A quantization that cannot run here; the message is one line with what to do instead."""
+
+
+def is_quantizable(name: str, module: torch.nn.Module) -> bool:
+    """Block linears are quantized; embeddings, norms, modulation and the final projection stay high precision."""
+    return isinstance(module, torch.nn.Linear) and "transformer_blocks." in name and "lora_" not in name
 
 
 def check_quantize(kind: str, device: torch.device, field: str = "model.quantize") -> None:

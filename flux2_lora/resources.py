@@ -4,6 +4,8 @@
 In the source tree they are the top-level `recipes/` and `launch/` folders. A wheel or `pip install .` carries
 them inside the package as `flux2_lora/_files/recipes` and `flux2_lora/_files/launch` (pyproject.toml maps the
 folders in at build time), so an installed package never depends on a checkout being around.
+
+Also the names of what a run writes that readers elsewhere look for.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import os
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
+
+LORA_FILE = "lora.safetensors"  # a run's (and a checkpoint's) LoRA, in diffusers format
+METADATA_PREFIX = "flux2_lora."  # our keys in a LoRA file's safetensors header
 
 
 def resource_dir(name: str) -> Path:

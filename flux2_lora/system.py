@@ -11,11 +11,11 @@ The optimize numbers come from `memory.estimate` (the real model config on the m
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
 from .memory import Estimate, GiB, ModelShape, Setup, estimate, human_bytes, human_count, model_shape
+from .resources import recipes_dir
 
 # (name, GiB that torch reports as total memory)
 COMMON_GPUS = [("24 GB (RTX 4090)", 23.6), ("32 GB (RTX 5090)", 31.4), ("48 GB (L40S, A6000)", 44.4),
@@ -154,52 +154,9 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
     return "\n".join(lines)
 
 
-def cmd_system(argv: list[str]) -> int:
-    from .cli import CliError, parse_train
-
-    sub, rest = (argv[0], argv[1:]) if argv else ("", [])
-    if sub in SUBCOMMANDS:
-        return SUBCOMMANDS[sub](rest)
-    if sub in ("-h", "--help"):
-        print(SYSTEM_USAGE)
-        return 0
-    if sub != "optimize":
-        what = f"unknown subcommand {sub!r}" if sub else "missing subcommand"
-        raise CliError(f"system: {what}; expected one of info, gpu, presets, optimize (`flux2-lora system --help`)")
-    gpu, recipe_args, i = None, [], 0
-    while i < len(rest):
-        key, eq, val = rest[i].partition("=")
-        if key == "--gpu-memory":
-            if not eq:
-                if i + 1 >= len(rest):
-                    raise CliError("--gpu-memory: needs a size in GiB")
-                val, i = rest[i + 1], i + 1
-            try:
-                gpu = float(val)
-            except ValueError:
-                raise CliError(f"--gpu-memory: must be a number of GiB (got {val})") from None
-        else:
-            recipe_args.append(rest[i])
-        i += 1
-    recipe, _ = parse_train(recipe_args, need_data=False)
-    print(report(recipe, gpu if gpu is not None else gpu_memory_gib()))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # system info, system gpu, system presets
 # ---------------------------------------------------------------------------------------------
-
-SYSTEM_USAGE = """usage: flux2-lora system SUBCOMMAND [ARGS]
-
-  info [--json]                     versions (flux2-lora, Python, torch with its CUDA/cuDNN, libraries), optional
-                                    libraries and what each enables, CUDA, GPUs (memory, compute capability,
-                                    bf16/fp8), CPU cores and RAM
-  gpu [--watch SECONDS] [--json]    live memory per GPU (used/free/total, nvidia-smi utilisation); --watch refreshes
-                                    until Ctrl-C. Without a CUDA GPU: one line saying so, exit 0
-  presets [--json]                  the presets (--preset NAME) with their key values
-  optimize --preset P|--config C [--gpu-memory GiB] [recipe flags]
-                                    GPU memory the recipe needs, part by part, and what to change so it fits"""
 
 CORE_LIBRARIES = ["diffusers", "transformers", "accelerate", "peft", "safetensors", "jsonargparse"]
 # (name shown, distribution whose metadata holds the version, pip extra, what it enables). Versions are read from
@@ -434,15 +391,15 @@ def no_gpu_line() -> str:
 def preset_rows() -> list[dict[str, Any]]:
     """The presets `--preset NAME` resolves to (every recipes/*.yaml, or $FLUX2_LORA_RECIPES/*.yaml), each read as
     training reads it (base defaults, then the file), with its key values; a file that does not parse has `error`."""
-    from .cli import CliError, parse_train, presets, recipes_dir
-    from .config import RecipeError
+    from .errors import RecipeError, UsageError
+    from .recipe import parse_recipe, presets
 
     rows: list[dict[str, Any]] = []
     for name in presets():
         path = recipes_dir() / f"{name}.yaml"
         try:
-            r, _ = parse_train(["--preset", name], need_data=False)
-        except (CliError, RecipeError) as e:
+            r, _ = parse_recipe(["--preset", name], need_data=False)
+        except (UsageError, RecipeError) as e:
             rows.append({"preset": name, "file": str(path), "error": str(e)})
             continue
         m, t = r.model, r.training
@@ -458,8 +415,6 @@ def preset_rows() -> list[dict[str, Any]]:
 
 
 def format_presets(rows: list[dict[str, Any]]) -> str:
-    from .cli import recipes_dir
-
     if not rows:
         return f"no presets in {recipes_dir()} (set FLUX2_LORA_RECIPES to a folder of recipe .yaml files)"
     head = ["preset", "model", "dtype", "res", "rank/alpha", "targets", "lr", "batch x accum", "steps", "optimizer",
@@ -491,68 +446,3 @@ def format_presets(rows: list[dict[str, Any]]) -> str:
         )
     lines += [f"unreadable preset {e}" for e in errors]
     return "\n".join(lines)
-
-
-def _parser(name: str, description: str, watch: bool = False) -> Any:
-    from .cli import command_parser
-
-    p = command_parser(f"system {name}", description)
-    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
-    if watch:
-        p.add_argument("--watch", type=float | None, default=None, help="Refresh every SECONDS until Ctrl-C.")
-    return p
-
-
-def cmd_info(argv: list[str]) -> int:
-    import json
-
-    from .cli import _parse
-
-    a = _parse(_parser("info", "Versions, optional libraries, CUDA, GPUs, CPU and RAM."), argv)
-    info = system_info()
-    print(json.dumps(info, indent=2) if a.json else format_info(info))
-    return 0
-
-
-def cmd_gpu(argv: list[str]) -> int:
-    """Live GPU memory. No visible CUDA GPU is information, not an error: one line (or JSON with an empty list), 0."""
-    import json
-    import sys
-
-    from .cli import CliError, _parse
-
-    a = _parse(_parser("gpu", "Live memory (and utilisation) per GPU.", watch=True), argv)
-    if a.watch is not None and not a.watch > 0:
-        raise CliError(f"--watch: must be a number of seconds > 0 (got {a.watch})")
-    try:
-        while True:
-            rows = gpu_snapshot()
-            if a.json:
-                print(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cuda_available": bool(rows),
-                                  "gpus": rows}), flush=True)  # fmt: skip
-            elif not rows:
-                print(no_gpu_line(), flush=True)
-            else:
-                if a.watch is not None and sys.stdout.isatty():
-                    print("\033[H\033[J", end="")  # clear the screen between refreshes
-                stamp = f"{time.strftime('%H:%M:%S')}  (every {a.watch:g} s, Ctrl-C to stop)\n" if a.watch else ""
-                print(stamp + format_gpus(rows), flush=True)
-            if a.watch is None or not rows:
-                return 0
-            time.sleep(a.watch)
-    except KeyboardInterrupt:  # the way to end --watch: quiet, exit 0
-        return 0
-
-
-def cmd_presets(argv: list[str]) -> int:
-    import json
-
-    from .cli import _parse
-
-    a = _parse(_parser("presets", "The presets with their key values."), argv)
-    rows = preset_rows()
-    print(json.dumps(rows, indent=2) if a.json else format_presets(rows))
-    return 0
-
-
-SUBCOMMANDS = {"info": cmd_info, "gpu": cmd_gpu, "presets": cmd_presets}

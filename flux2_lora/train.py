@@ -67,6 +67,7 @@ from .model import (
     enable_checkpointing,
     encoder_dtype,
     pipeline_class,
+    quiet_libraries,
     resolve_model,
 )
 from .plots import loss_plot, progress_sheet
@@ -159,7 +160,7 @@ class Trainer:
 
     def _setup(self) -> None:
         r, acc = self.recipe, self.accelerator
-        _quiet_libraries()
+        quiet_libraries()
         set_seed(r.training.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -839,17 +840,6 @@ def _lock_output(out: Path) -> Any:
     fh.write(str(os.getpid()))
     fh.flush()
     return fh
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bars are enough: silence the per-file bars of transformers and diffusers."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
 
 
 def _write_recipe(path: Path, recipe: Recipe) -> None:

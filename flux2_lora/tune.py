@@ -368,10 +368,9 @@ def prepare_base(recipe: Recipe, sweep: Sweep, out: Path) -> Path:
     import torch
 
     from .data.cache import build_cache, check_settings, dataset_source, read_index, settings_for
-    from .model import encoder_dtype, resolve_model
-    from .train import _quiet_libraries
+    from .model import encoder_dtype, quiet_libraries, resolve_model
 
-    _quiet_libraries()
+    quiet_libraries()
     src = resolve_model(recipe.model)
     settings = settings_for(src, recipe)
     spec = recipe.data.dataset or ""

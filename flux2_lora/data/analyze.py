@@ -265,26 +265,3 @@ def plot_analysis(stats: dict[str, Any], out: str | os.PathLike[str], size: tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
-
-
-# ------------------------------------------------------------------------------------------------------ command
-
-
-def cmd_analyze(argv: list[str]) -> int:
-    """`flux2-lora data analyze ARGS` (argv without `data analyze`)."""
-    from ..cli import _parse, command_parser
-    from .validate import load_tokenizer
-
-    p = command_parser(
-        "data analyze", "Dataset statistics (sizes, aspect ratios, caption lengths) and a histogram PNG."
-    )
-    p.add_argument("--dataset", type=str, required=True, help="Dataset folder.")
-    p.add_argument("--output", type=str, default="analysis.png", help="Histogram PNG to write.")
-    p.add_argument("--model", type=str | None, default=None, help="FLUX.2 folder whose tokenizer counts tokens.")
-    a = _parse(p, argv)
-    dataset_root(a.dataset)
-    tokenizer = load_tokenizer(a.model)[0] if a.model else None
-    stats = analyze_dataset(a.dataset, tokenizer=tokenizer)
-    print(format_analysis(stats))
-    print(f"\nhistograms written to {plot_analysis(stats, a.output)}")
-    return 0

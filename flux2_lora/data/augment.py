@@ -98,25 +98,3 @@ def augment_dataset(
     for line in skipped:
         log.warning("%s", line)
     return written
-
-
-def cmd_augment(argv: list[str]) -> int:
-    """`flux2-lora data augment ARGS` (argv without `data augment`)."""
-    from ..cli import CliError, _parse, command_parser
-
-    p = command_parser(
-        "data augment",
-        "Write flipped, cropped and colour-jittered copies of each image, with its caption, to a new "
-        "folder (the originals are not copied).",
-    )
-    p.add_argument("--dataset", type=str, required=True, help="Dataset folder.")
-    p.add_argument("--output", type=str, required=True, help="New folder to write (must be empty or absent).")
-    p.add_argument("--samples", type=int, required=True, help="Augmented copies per image.")
-    p.add_argument("--seed", type=int, default=0, help="Random seed (the same seed gives the same files).")
-    p.add_argument("--instance-prompt", type=str | None, default=None, help="Caption for images without one.")
-    a = _parse(p, argv)
-    if a.samples < 1:
-        raise CliError(f"--samples: must be >= 1 (got {a.samples})")
-    written, skipped = augment_folder(a.dataset, a.output, a.samples, a.seed, a.instance_prompt)
-    print("\n".join(skipped + [f"wrote {written} augmented images with captions to {a.output}"]))
-    return 0

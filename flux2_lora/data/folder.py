@@ -10,15 +10,13 @@ from typing import IO
 
 from PIL import Image, ImageOps
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 # Transparent pixels are composited onto this background before training.
 ALPHA_BACKGROUND = (255, 255, 255)
-
-
-class DataError(ValueError):
-    """A dataset problem; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)

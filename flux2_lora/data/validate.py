@@ -585,7 +585,7 @@ def validate_dataset(
     return report
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
@@ -595,8 +595,8 @@ def format_report(report: Report) -> str:
     for p in report.problems:
         lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {report.rel(p.path)}: {p.reason}")
     lines.append(
-        f"{_plural(report.n_images, report.unit)}: {report.n_ok} ok, "
-        f"{_plural(report.n_errors, 'error')}, {_plural(report.n_warnings, 'warning')}"
+        f"{plural(report.n_images, report.unit)}: {report.n_ok} ok, "
+        f"{plural(report.n_errors, 'error')}, {plural(report.n_warnings, 'warning')}"
         + (f"; {report.advice}" if report.advice and report.has_errors else "")
     )
     return "\n".join(lines)
@@ -779,18 +779,18 @@ def fix_dataset(
 
 
 def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
-    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (CliError on failure)."""
-    from ..cli import CliError
+    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (UsageError on failure)."""
+    from ..errors import UsageError
 
     path = Path(model)
     if not (path / "tokenizer").is_dir():
-        raise CliError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
+        raise UsageError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     except Exception as e:
-        raise CliError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
     family = "dev"
     try:
         if "klein" in json.loads((path / "model_index.json").read_text()).get("_class_name", "").lower():
@@ -798,59 +798,3 @@ def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
     except (OSError, ValueError, AttributeError):
         pass
     return tokenizer, prompt_overhead(tokenizer, family)
-
-
-def validate_parser() -> Any:
-    from ..cli import command_parser
-
-    p = command_parser(
-        "data validate",
-        "Check a dataset folder or a cache folder: every problem on one line; exit code 1 when there is an error.",
-    )
-    p.add_argument("folder", type=str | None, nargs="?", default=None, help="The folder (or give it as --dataset).")
-    p.add_argument(
-        "--dataset", type=str | None, default=None,
-        help="Dataset folder (images with .txt captions), or a cache folder (index.json + shards) to check in full.",
-    )  # fmt: skip
-    p.add_argument("--fix", type=str | None, default=None, help="Write a cleaned copy into this new folder.")
-    p.add_argument("--max-file-mb", type=float, default=50.0, help="Largest image file accepted, in MB.")
-    p.add_argument("--min-resolution", type=int, default=256, help="Smallest short side accepted, in pixels.")
-    p.add_argument("--max-aspect", type=float, default=4.0, help="Long side / short side above this is a warning.")
-    p.add_argument("--model", type=str | None, default=None, help="FLUX.2 folder whose tokenizer checks captions.")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Text encoder prompt length.")
-    p.add_argument("--instance-prompt", type=str | None, default=None, help="Caption for images without one.")
-    return p
-
-
-def cmd_validate(argv: list[str]) -> int:
-    """`flux2-lora data validate ARGS` (argv without `data validate`): 1 when the dataset has errors, else 0."""
-    from ..cli import CliError, _parse
-
-    a = _parse(validate_parser(), argv)
-    if (a.folder is None) == (a.dataset is None):
-        raise CliError("data validate: give the folder to check (`data validate FOLDER` or --dataset FOLDER), once")
-    root = dataset_root(a.folder or a.dataset)
-    if is_cache(root):
-        if a.fix:
-            raise CliError(f"--fix: {root} is a cache folder, which cannot be fixed (rebuild it instead)")
-        report = validate_cache(root)
-        print(format_report(report))
-        return 1 if report.has_errors else 0
-    tokenizer, overhead = load_tokenizer(a.model) if a.model else (None, 0)
-    options: dict[str, Any] = dict(
-        max_file_mb=a.max_file_mb,
-        min_resolution=a.min_resolution,
-        max_aspect=a.max_aspect,
-        max_caption_tokens=max(a.max_tokens - overhead, 1),
-        tokenizer=tokenizer,
-        instance_prompt=a.instance_prompt,
-    )
-    report = validate_dataset(root, **options)
-    print(format_report(report))
-    if a.fix:
-        lines = fix_dataset(root, a.fix, report, instance_prompt=a.instance_prompt)
-        print(f"\ncleaned copy written to {a.fix} ({_plural(len(lines), 'change')}, listed in {FIXES_FILE}):")
-        print("\n".join(f"  {line}" for line in lines))
-        again = validate_dataset(a.fix, **options)
-        print("cleaned copy: " + format_report(again).splitlines()[-1])
-    return 1 if report.has_errors else 0

@@ -11,9 +11,6 @@ callback.py  the same metrics at every validation of a training run
 
 from __future__ import annotations
 
-
-class EvalError(ValueError):
-    """An evaluation input is unusable; the message is one line naming the file or option and the reason."""
-
+from ..errors import EvalError
 
 __all__ = ["EvalError"]

@@ -237,9 +237,9 @@ class Evaluator:
         guidance: float = 4.0,
         max_sequence_length: int | None = None,
     ):
-        from ..train import _quiet_libraries
+        from ..model import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         self.refs = refs
         unique_labels(refs)
         runs = [r.run for r in refs if r.run is not None]

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import LORA_FILE, CheckpointError
+from ..errors import LoraFileError
+from ..resources import LORA_FILE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-class LoraFileError(CheckpointError):
-    """A LoRA file cannot be used as asked; the message names the file (or field) and the reason."""
 
 
 def require_safetensors(path: Path, field: str) -> None:

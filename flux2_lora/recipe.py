@@ -1,0 +1,181 @@
+"""Loading a recipe: presets, `--preset` / `--config`, dotted overrides and short forms from argv, user YAML files,
+and jsonargparse's errors turned into one line.
+
+`config.py` says what a recipe is (the dataclasses and their checks); this module says how one is read. Every
+part of the product that takes a recipe (train, tune, launch, eval, system, the web app) reads it here, so a
+mistake reads the same wherever it is made.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from .config import GROUPS, Recipe, check_recipe_file, load_yaml, validate
+from .errors import UsageError
+from .resources import recipes_dir
+
+# Short forms users know from other trainers -> dotted recipe fields.
+SHORT_FORMS = {
+    "--dataset": "--data.dataset",
+    "--output": "--output.dir",
+    "--model": "--model.name_or_path",
+    "--steps": "--training.max_steps",
+    "--lr": "--training.lr",
+    "--batch-size": "--training.batch_size",
+    "--rank": "--lora.rank",
+    "--dtype": "--model.dtype",
+    "--trigger": "--data.trigger",
+    "--init-lora": "--lora.init_from",
+}
+FLAG_FORMS = {"--force-cpu-loading": ["--model.force_cpu_loading", "true"]}
+
+
+def presets() -> list[str]:
+    """The names `--preset NAME` accepts: every recipes/*.yaml (or $FLUX2_LORA_RECIPES/*.yaml)."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The recipe file of a preset, checked; an unknown name is a UsageError listing the presets."""
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.exists():
+        raise UsageError(f"--preset: unknown preset {name!r} (available: {', '.join(presets())})")
+    check_recipe_file(path)
+    return path
+
+
+def expand_argv(argv: list[str], own: Collection[str] = ()) -> list[str]:
+    """Map short forms and move --preset to the front (as --config) so later flags override it.
+
+    `own`: flags the command declares itself, left as they are even where a short form has the same name."""
+    out: list[str] = []
+    front: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, val = arg.partition("=")
+        if key in own:
+            out.append(arg)
+        elif key == "--preset":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError("--preset: needs a name (" + ", ".join(presets()) + ")")
+                val = argv[i + 1]
+                i += 1
+            front += ["--config", str(preset_path(val))]
+        elif key == "--config":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError("--config: needs a recipe YAML file")
+                val = argv[i + 1]
+                i += 1
+            path = Path(val).expanduser()
+            if not path.is_file():
+                raise UsageError(f"--config: {val} does not exist")
+            check_recipe_file(path)  # duplicate keys, groups that are not mappings: one line before parsing
+            out += ["--config", val]
+        elif key in SHORT_FORMS:
+            out.append(SHORT_FORMS[key] + (eq + val if eq else ""))
+        elif key in FLAG_FORMS:
+            out += FLAG_FORMS[key]
+        else:
+            out.append(arg)
+        i += 1
+    return front + out
+
+
+def read_yaml(path: Path, field: str) -> Any:
+    """A user's YAML file (manifest, search space, prompt suite); a missing or malformed one is a one-line
+    UsageError naming `field`."""
+    if not path.is_file():
+        raise UsageError(f"{field}: {path} does not exist")
+    try:
+        return load_yaml(path.read_text(), str(path))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{field}: {path} is not valid YAML ({e})") from None
+    except ValueError as e:
+        raise UsageError(f"{field}: {e}") from None
+
+
+def new_parser(prog: str, description: str) -> Any:
+    """A jsonargparse parser whose errors raise (for `parse_args`) and that reads no environment defaults."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, exit_on_error=False, default_env=False, description=description)
+
+
+def add_recipe_arguments(parser: Any) -> None:
+    """`--config FILE` and every recipe field as a dotted flag (`--training.lr`)."""
+    from jsonargparse import ActionConfigFile
+
+    parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML file (or --preset NAME).")
+    parser.add_class_arguments(Recipe, as_group=False)
+
+
+def recipe_parser() -> Any:
+    """The `train` parser: a recipe and `--resume`."""
+    p = new_parser(
+        "flux2-lora train",
+        "Train a FLUX.2 LoRA. Presets: " + ", ".join(presets()) + ". Every field: recipes/base.yaml.",
+    )
+    add_recipe_arguments(p)
+    p.add_argument("--resume", type=str | None, default=None, help="`latest` or a checkpoints/step-N folder.")
+    return p
+
+
+def condense(err: BaseException) -> str:
+    """One line from a jsonargparse error: `field: what is expected (got VALUE)`."""
+    text = str(err)
+    m = re.search(r'[Kk]ey "([^"]+)"', text)
+    got = re.search(r"(?:Got|Given) value:\s*(.*)", text)
+    lit = re.search(r"Literal\[([^\]]*)\]", text)
+    cls = re.search(r"Expected a <class '(\w+)'>", text)
+    if m:
+        value = got.group(1).strip() if got else ""
+        if lit:
+            reason = "must be one of " + lit.group(1).replace("'", "")
+        elif cls and cls.group(1) in ("float", "int") and value.lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            reason = "must be a finite number"
+        elif cls:
+            reason = f"must be {'an' if cls.group(1)[0] in 'aeiou' else 'a'} {cls.group(1)}"
+        else:
+            # The reason is the text after the key, on its line or the next ones, without the "Got value" part.
+            rest = re.sub(r'.*?[Kk]ey "[^"]+"\s*:?', "", text, count=1, flags=re.S)
+            rest = re.sub(r"Got value:.*", "", rest, flags=re.S)
+            reason = " ".join(ln.strip() for ln in rest.splitlines() if ln.strip()).rstrip(".") or "invalid value"
+            reason = reason[0].lower() + reason[1:]
+        return f"{m.group(1)}: {reason}" + (f" (got {got.group(1).strip()})" if got else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def parse_args(parser: Any, argv: list[str]) -> Any:
+    """parse_args with jsonargparse errors turned into one-line UsageErrors (--help still exits normally)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        raise
+    except Exception as e:  # jsonargparse.ArgumentError and the errors it wraps
+        raise UsageError(condense(e)) from None
+
+
+def recipe_from(parser: Any, ns: Any, need_data: bool = True) -> Recipe:
+    """The validated Recipe in a namespace parsed by a parser with `add_recipe_arguments`."""
+    ns.pop("config", None)
+    ns.pop("__path__", None)
+    built = parser.instantiate_classes(ns)
+    recipe = Recipe(**{k: built[k] for k in GROUPS})
+    validate(recipe, need_data)
+    return recipe
+
+
+def parse_recipe(argv: list[str], need_data: bool = True) -> tuple[Recipe, str | None]:
+    """A validated recipe (and `--resume`) from `train`-style argv: `--preset`/`--config`, dotted overrides, short
+    forms. Mistakes raise one-line UsageError or RecipeError."""
+    parser = recipe_parser()
+    ns = parse_args(parser, expand_argv(argv))
+    resume = ns.pop("resume", None)
+    return recipe_from(parser, ns, need_data), resume
