@@ -8,7 +8,7 @@ The rules, so that a new command needs nothing but a typed function with a docst
   whose value lands in the parameter of the same name. No default: required.
 - `bool` is a yes/no flag given bare or with a value (`--merge`, `--merge false`); `Switch` is one given bare only
   (`--dry-run`, so that it never swallows a positional after it).
-- `list[T]` takes one or more values (`--seeds 0 1 2`); with no default the flag can be repeated and the values add
+- `list[T]` takes one or more values (`--seeds 0 1 2`); with default None the flag can be repeated and the values add
   up (`--prompt a --prompt b`). `Literal[...]` lists the choices.
 - A `Recipe` parameter adds `--config`, `--preset` and every recipe field (`--training.lr`, the short forms); the
   function gets the validated recipe. `DraftRecipe` is one whose dataset may be missing (estimates, plans).
