@@ -35,14 +35,14 @@ def info(*, json_: Switch = False) -> None:
     print(json.dumps(data, indent=2) if json_ else format_info(data))
 
 
-def gpu(*, watch: float | None = None, json_: Switch = False) -> None:
+def gpu(*, json_: Switch = False, watch: float | None = None) -> None:
     """Live memory (and utilisation) per GPU.
 
     No visible CUDA GPU is information, not an error: one line (or JSON with an empty list), exit code 0.
 
     Args:
-        watch: Refresh every SECONDS until Ctrl-C.
         json_: Print one JSON object instead of text.
+        watch: Refresh every SECONDS until Ctrl-C.
     """
     from ..system import format_gpus, gpu_snapshot, no_gpu_line
 

@@ -17,8 +17,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..cli import CliError, command_parser, parse_train, presets, recipes_dir
-from ..config import RecipeError
+from ..errors import RecipeError, UsageError
+from ..recipe import parse_recipe, presets
+from ..resources import recipes_dir
 from .jobs import Job, JobManager
 from .paths import Roots, UiError
 from .views import (
@@ -62,7 +63,7 @@ def _error(e: BaseException) -> str:
 def _recipe_values(preset: str | None, config: str | None, roots: Roots) -> list[Any]:
     """The Training fields' values for a preset or recipe file (the defaults a user edits)."""
     argv = ["--config", roots.resolve(config, "recipe file")] if (config or "").strip() else ["--preset", preset or ""]
-    recipe, _ = parse_train(argv, need_data=False)
+    recipe, _ = parse_recipe(argv, need_data=False)
     values = []
     for _, name, _ in TRAIN_FIELDS:
         section, key = name.split(".")
@@ -237,7 +238,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
             def fill(preset: str, config: str) -> list[Any]:
                 try:
                     return _recipe_values(preset, config, roots)
-                except (UiError, CliError, RecipeError):
+                except (UiError, UsageError, RecipeError):
                     return [gr.skip()] * len(TRAIN_FIELDS)
 
             def start_training(preset: str, config: str, dataset: str, output: str, extra: str, *values: Any) -> Any:
@@ -250,12 +251,12 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                     argv += ["--data.dataset", roots.resolve(dataset, "dataset", allow_builtin=True)]
                     out = roots.resolve(output, "output", must_exist=False)
                     argv += ["--output.dir", out, *_overrides(list(values)), *_extra(extra)]
-                    recipe, _ = parse_train(argv)  # the same one-line recipe errors as the CLI, before anything starts
+                    recipe, _ = parse_recipe(argv)  # the same one-line recipe errors as the CLI, before anything starts
                     _check_recipe_paths(recipe, roots)
                     if Path(out, "checkpoints", "latest").exists():
                         argv += ["--resume", "latest"]
                     job = jobs.start("train", argv, out, label=Path(out).name)
-                except (UiError, CliError, RecipeError) as e:
+                except (UiError, UsageError, RecipeError) as e:
                     return gr.skip(), _error(e)
                 return job.id, f"started {job.kind} job {job.id}: writes to `{job.output}`"
 
@@ -282,7 +283,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                     return [gr.skip(), *fill(preset, config)]
                 try:
                     return [job.output, *_recipe_values(None, str(recipe), Roots((recipe.parent,)))]
-                except (UiError, CliError, RecipeError):
+                except (UiError, UsageError, RecipeError):
                     return [job.output] + [gr.skip()] * len(TRAIN_FIELDS)
 
             gr.on([tr_preset.change, tr_config.submit], fill, [tr_preset, tr_config], fields)
@@ -360,7 +361,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                                 roots.resolve(weights, "CLIP weights"),
                             ]
                     job = jobs.start("eval", args, out, label=sub, sub=sub)
-                except (UiError, CliError) as e:
+                except (UiError, UsageError) as e:
                     return gr.skip(), _error(e)
                 return job.id, f"started {job.kind} job {job.id}: writes to `{job.output}`"
 
@@ -442,7 +443,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                         for flag in ("--output", "--space", "--storage"):
                             if any(a.partition("=")[0] == flag for a in ours):
                                 raise UiError(f"more flags: {flag} is set by the form's fields here")
-                        recipe, _ = parse_train(
+                        recipe, _ = parse_recipe(
                             ["--preset", preset, "--dataset", args[args.index("--dataset") + 1], *rest]
                         )
                         _check_recipe_paths(
@@ -452,7 +453,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                         if Path(out, "sweep.json").exists():
                             raise UiError(f"output: {out} already holds a sweep; press Resume or choose another")
                     job = jobs.start("tune", args, out, label=Path(out).name)
-                except (UiError, CliError, RecipeError, ValueError) as e:
+                except (UiError, UsageError, RecipeError, ValueError) as e:
                     return gr.skip(), _error(e)
                 return job.id, f"started {job.kind} job {job.id}: writes to `{job.output}`"
 
@@ -483,7 +484,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
     return app
 
 
-# ------------------------------------------------------------------------------------------------------ command
+# ------------------------------------------------------------------------------------------------------ serving
 
 LOOPBACK = {"localhost"}
 
@@ -503,7 +504,7 @@ def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
     if auth_file:
         path = Path(auth_file)
         if not path.is_file():
-            raise CliError(f"--auth-file: {auth_file} does not exist")
+            raise UsageError(f"--auth-file: {auth_file} does not exist")
         entries += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if auth:
         entries.append(auth)
@@ -513,57 +514,24 @@ def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
     for e in entries:
         user, sep, password = e.partition(":")
         if not sep or not user or not password:
-            raise CliError("--auth: expected USER:PASSWORD with both parts non-empty")
+            raise UsageError("--auth: expected USER:PASSWORD with both parts non-empty")
         pairs.append((user, password))
     return pairs
 
 
-def cmd_ui(argv: list[str]) -> int:
-    p = command_parser("ui", "The web app: Dataset, Training, Evaluation and Optimization tabs.")
-    p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (loopback by default).")
-    p.add_argument("--port", type=int, default=7860, help="Port.")
-    p.add_argument(
-        "--share",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Also open a public Gradio share link (needs --auth); a bare --share means true.",
-    )
-    p.add_argument("--auth", type=str | None, default=None, help="USER:PASSWORD required to open the app.")
-    p.add_argument("--auth-file", type=str | None, default=None, help="File of USER:PASSWORD lines.")
-    p.add_argument(
-        "--root", type=str, nargs="+", action="extend", help="Folders the app may read and write (default: .)."
-    )
-    p.add_argument("--state-dir", type=str | None, default=None,
-                   help="Where jobs and pictures are recorded (default: ~/.cache/flux2-lora/ui).")  # fmt: skip
-    from ..cli import _parse
-
-    a = _parse(p, argv)
-    auth = read_auth(a.auth, a.auth_file)
-    public = a.share or not is_loopback(a.host)
-    if public and not auth:
-        raise CliError(
-            f"--host {a.host}{' --share' if a.share else ''}: anyone who can reach the app could read and write your "
-            "folders; add --auth USER:PASSWORD (or --auth-file F), or keep the default --host 127.0.0.1"
-        )
-    try:
-        roots = Roots.of(a.root or [os.getcwd()])
-    except UiError as e:
-        raise CliError(str(e)) from None
-    state = Path(a.state_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flux2-lora" / "ui")
-    state.mkdir(parents=True, exist_ok=True)
+def serve(roots: Roots, state_dir: Path, host: str, port: int, share: bool, auth: list[tuple[str, str]]) -> None:
+    """Build the app over `roots` and serve it until Ctrl-C (jobs and pictures recorded in state_dir)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("FLUX2_LORA_RECIPES", str(recipes_dir()))
-    app = build_app(roots, state.resolve())
-    print(f"flux2-lora ui: http://{a.host}:{a.port} (folders: {roots.describe()}; Ctrl-C to quit)", flush=True)
+    app = build_app(roots, state_dir.resolve())
+    print(f"flux2-lora ui: http://{host}:{port} (folders: {roots.describe()}; Ctrl-C to quit)", flush=True)
     app.queue(default_concurrency_limit=4).launch(
-        server_name=a.host,
-        server_port=a.port,
-        share=a.share,
+        server_name=host,
+        server_port=port,
+        share=share,
         auth=auth or None,
-        allowed_paths=[str(f) for f in roots.folders] + [str(state)],
+        allowed_paths=[str(f) for f in roots.folders] + [str(state_dir)],
         quiet=True,
         footer_links=[],
     )
-    return 0
