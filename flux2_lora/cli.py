@@ -20,10 +20,12 @@ import sys
 from typing import NamedTuple
 
 from .errors import CheckpointError, DataError, EvalError, ModelError, RecipeError, TrainingError, UsageError
-from .recipe import expand_argv as _expand_argv  # noqa: F401  (the names tests and older scripts import from here)
-from .recipe import presets, read_yaml  # noqa: F401
+from .recipe import expand_argv as _expand_argv
+from .recipe import parse_recipe as parse_train
+from .recipe import presets, read_yaml
 
-CliError = UsageError
+CliError = UsageError  # the names tests and scripts written against earlier versions import from here
+__all__ = ["COMMANDS", "CliError", "_expand_argv", "dispatch", "main", "parse_train", "presets", "read_yaml"]
 
 
 class Command(NamedTuple):
