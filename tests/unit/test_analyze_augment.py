@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux2_lora.data.analyze import analyze_dataset, cmd_analyze, format_analysis, plot_analysis
-from flux2_lora.data.augment import augment_dataset, cmd_augment
+from flux2_lora.cli import dispatch
+from flux2_lora.data.analyze import analyze_dataset, format_analysis, plot_analysis
+from flux2_lora.data.augment import augment_dataset
 from flux2_lora.data.folder import DataError, scan_folder
 from flux2_lora.data.validate import validate_dataset
 
@@ -19,6 +20,16 @@ from flux2_lora.data.validate import validate_dataset
 class WordTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": [0] * (2 * len(text.split()))}  # two tokens a word: tokens differ from words
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    """`flux2-lora data analyze ARGV` through the command layer, with its errors raised."""
+    return dispatch(["data", "analyze", *argv])
+
+
+def cmd_augment(argv: list[str]) -> int:
+    """`flux2-lora data augment ARGV` through the command layer, with its errors raised."""
+    return dispatch(["data", "augment", *argv])
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import torch
 
 from flux2_lora import system
 from flux2_lora.cli import main
+from flux2_lora.commands import system as system_commands
 
 GIB = 2**30
 
@@ -147,12 +148,12 @@ def test_gpu_watch_refreshes_until_ctrl_c_and_exits_0(
 ) -> None:
     sleeps: list[float] = []
 
-    def sleep(s: float) -> None:  # only the command's own waits (system.time), not other code's time.sleep
+    def sleep(s: float) -> None:  # only the command's own waits (its module's time), not other code's time.sleep
         sleeps.append(s)
         if len(sleeps) == 2:
             raise KeyboardInterrupt  # Ctrl-C during the second wait
 
-    monkeypatch.setattr(system, "time", SimpleNamespace(sleep=sleep, strftime=time.strftime))
+    monkeypatch.setattr(system_commands, "time", SimpleNamespace(sleep=sleep, strftime=time.strftime))
     rc, out, err = run_main(capsys, "system", "gpu", "--watch", "0.5")
     assert rc == 0 and err == ""
     assert sleeps == [0.5, 0.5]

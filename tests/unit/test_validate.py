@@ -21,11 +21,17 @@ from flux2_lora.data.validate import (
     FIXES_FILE,
     Problem,
     Report,
-    cmd_validate,
     fix_dataset,
     format_report,
     validate_dataset,
 )
+
+def cmd_validate(argv: list[str]) -> int:
+    """`flux2-lora data validate ARGV` through the command layer, with its errors raised."""
+    from flux2_lora.cli import dispatch
+
+    return dispatch(["data", "validate", *argv])
+
 
 MAX_FILE_MB = 0.05  # 52 kB: the noisy big.png is over it, every other file is well under
 MAX_PIXELS = 1_000_000  # Image.MAX_IMAGE_PIXELS during the tests: bomb_warn.png (1.1 MP) is over it
