@@ -12,7 +12,8 @@ The rules, so that a new command needs nothing but a typed function with a docst
   up (`--prompt a --prompt b`). `Literal[...]` lists the choices.
 - A `Recipe` parameter adds `--config`, `--preset` and every recipe field (`--training.lr`, the short forms); the
   function gets the validated recipe. `DraftRecipe` is one whose dataset may be missing (estimates, plans).
-- A `RecipeArgs` parameter takes the recipe flags as they were given, unparsed (for commands that pass them on).
+- A `RecipeArgs` parameter takes the recipe flags as they were given, unparsed (for commands that pass them on;
+  such a command has no positionals, since a positional could not be told from a flag's value).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Spec:
         self.parser = new_parser(prog, self.description)
         for p in self.params:
             self._add(p)
+        positional = [p for p in self.params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+        assert not (positional and self.recipe_args), f"{prog}: recipe flags passed on cannot follow positionals"
 
     def _add(self, p: inspect.Parameter) -> None:
         hint = self.hints.get(p.name, str)
@@ -144,7 +147,11 @@ class Spec:
         try:
             ns = parse_args(self.parser, argv)
         except UsageError as e:
-            raise self.missing(str(e)) or self.numeric(str(e)) or e from None
+            text = str(e)
+            m = re.match(r"^argument (--[\w-]+): expected (?:one|at least one) argument", text)
+            raise (
+                self.missing(text) or self.numeric(text) or (UsageError(f"{m.group(1)}: needs a value") if m else e)
+            ) from None
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         for p in self.params:
