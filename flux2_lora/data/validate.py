@@ -1,12 +1,11 @@
-"""`flux2-lora data validate`: every problem in a dataset folder, one line each, and an optional cleaned copy.
+"""`flux2-lora data validate`: every problem in a dataset folder or a cache folder, one line each, in a `Report`.
 
 Nothing here raises for a bad file: each check is caught per file and becomes a `Problem`. Errors are what would
 stop or corrupt training (the exit code is 1 when there is one); warnings are worth a look but train fine.
-Symbolic links are refused and never followed: their targets are not opened, stat-ed or resolved.
-
-Given a cache folder (index.json + shards, from `flux2-lora data cache` or a run's OUTPUT/cache/<digest>), it checks
-the cache instead: index.json against every tar header and every sample's tensors (cache.audit_cache), one line per
-mismatch naming the shard and the sample.
+Symbolic links are refused and never followed: their targets are not opened, stat-ed or resolved. A cache folder
+(index.json + shards, from `flux2-lora data cache` or a run's OUTPUT/cache/<digest>) is checked as a cache:
+index.json against every tar header and every sample's tensors (cache.audit_cache), one line per mismatch naming
+the shard and the sample. The cleaned copy of `--fix` is written by `fix.py`, from the report made here.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import warnings
 from collections.abc import Iterator
@@ -145,12 +143,12 @@ def image_files(root: Path) -> list[Path]:
     """The regular (non-symlink) files training reads as images, in training's order."""
     out = []
     for path in walk(root)[0]:
-        if path.suffix.lower() in IMAGE_EXTENSIONS and _is_regular(path):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and is_regular(path):
             out.append(path)
     return out
 
 
-def _is_regular(path: Path) -> bool:
+def is_regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
@@ -276,10 +274,32 @@ def prompt_overhead(tokenizer: Any, family: str) -> int:
         return 0
 
 
+def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
+    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (UsageError on failure)."""
+    from ..errors import UsageError
+
+    path = Path(model)
+    if not (path / "tokenizer").is_dir():
+        raise UsageError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    except Exception as e:
+        raise UsageError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
+    family = "dev"
+    try:
+        if "klein" in json.loads((path / "model_index.json").read_text()).get("_class_name", "").lower():
+            family = "klein"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return tokenizer, prompt_overhead(tokenizer, family)
+
+
 # ------------------------------------------------------------------------------------------------------ checking
 
 
-def _inside(path: Path, root: Path) -> bool:
+def inside(path: Path, root: Path) -> bool:
     p, r = os.path.normpath(path), os.path.normpath(root)
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
@@ -385,7 +405,7 @@ class _Checker:
         if stat.S_ISLNK(st.st_mode):
             self.symlink(path)
             return
-        if not _inside(Path(os.path.realpath(path)), self.root):
+        if not inside(Path(os.path.realpath(path)), self.root):
             self.add(path, "error", "outside-root", "its real path is outside the dataset folder (refused)")
             return
         if suffix in IMAGE_EXTENSIONS:
@@ -403,7 +423,7 @@ class _Checker:
             target = "?"
         self.add(path, "error", "symlink", f"symbolic link to {target} (refused, not followed; copy the file in)")
         lexical = Path(os.path.normpath(os.path.join(os.path.dirname(path), target)))
-        if not _inside(lexical, self.root):
+        if not inside(lexical, self.root):
             self.add(path, "error", "outside-root", f"points outside the dataset folder ({target})")
 
     def other_file(self, path: Path, suffix: str) -> None:
@@ -621,180 +641,9 @@ def validate_cache(root: str | os.PathLike[str]) -> Report:
     return report
 
 
-# ------------------------------------------------------------------------------------------------------- fixing
+def __getattr__(name: str) -> Any:  # moved to .fix (which imports this module): loaded from there when first used
+    if name in ("check_output_folder", "fix_dataset"):
+        from . import fix
 
-
-def check_output_folder(root: Path, out: str | os.PathLike[str]) -> Path:
-    """A folder to write a derived dataset into: not inside root, and empty or absent (else DataError)."""
-    out_path = Path(out).resolve()
-    if _inside(out_path, root):
-        raise DataError(f"{out}: output folder is inside the dataset folder {root} (choose another place)")
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise DataError(f"{out}: output folder exists and is not empty")
-    out_path.mkdir(parents=True, exist_ok=True)
-    return out_path
-
-
-def rgb_resave_reason(path: Path) -> str | None:
-    """Why the image should be re-saved as an RGB PNG (EXIF rotation, CMYK, palette, 16-bit, alpha, animation)."""
-    with Image.open(path) as im:
-        mode = im.mode
-        orientation = im.getexif().get(0x0112, 1)
-        animated = bool(getattr(im, "is_animated", False))
-        transparent = "transparency" in im.info
-    reasons = []
-    if orientation not in (1, None):
-        reasons.append(f"EXIF orientation {orientation} applied")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
-        reasons.append("alpha composited onto white")
-    elif mode == "P":
-        reasons.append("palette")
-    elif mode.startswith("I;16") or mode in ("I", "F"):
-        reasons.append("16-bit")
-    elif mode not in ("RGB", "L"):
-        reasons.append(mode)
-    if animated:
-        reasons.append("first frame of an animation")
-    return ", ".join(reasons) or None
-
-
-class _Fixer:
-    def __init__(self, report: Report, out: Path, instance_prompt: str | None) -> None:
-        self.report, self.root, self.out = report, report.root, out
-        self.instance_prompt = instance_prompt
-        self.lines: list[str] = []
-        self.errors: dict[Path, list[str]] = {}
-        for p in report.problems:
-            if p.severity == "error" or p.code == "duplicate":
-                self.errors.setdefault(p.path, []).append(p.reason)
-
-    def rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
-
-    def run(self) -> list[str]:
-        metadata, _ = read_metadata(self.root)
-        images = image_files(self.root)
-        self.not_copied(images, metadata)
-        if metadata:
-            self.lines.append(f"{METADATA_FILE}: captions written as .txt files next to their images")
-        with quiet_folder_log():
-            for image in tqdm(images, desc="fix", unit="image", disable=None, leave=False):
-                self.image(image, metadata)
-        return sorted(self.lines, key=lambda line: line.split(": ", 1)[0])
-
-    def not_copied(self, images: list[Path], metadata: dict[Path, tuple[str, int]]) -> None:
-        """A line for each file left out that is not an image (or the caption of one) dropped further on."""
-        image_set = set(images)
-        captions = {p.with_suffix(CAPTION_SUFFIX) for p in images if p not in metadata}
-        orphans = {p.path for p in self.report.problems if p.code == "orphan-caption"}
-        for path in walk(self.root)[0]:
-            if path in image_set or path in captions or path.parent == self.root and path.name == METADATA_FILE:
-                if path in self.errors and path.name == METADATA_FILE:
-                    self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
-                continue
-            if path in self.errors:
-                self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
-            elif path in orphans:
-                self.lines.append(f"{self.rel(path)}: dropped (orphan caption: no image)")
-            elif path.suffix != CAPTION_SUFFIX and not is_hidden(path, self.root) and _is_regular(path):
-                self.lines.append(f"{self.rel(path)}: not copied (not an image or a caption)")
-
-    def image(self, image: Path, metadata: dict[Path, tuple[str, int]]) -> None:
-        txt = image.with_suffix(CAPTION_SUFFIX)
-        reasons = self.errors.get(image, [])
-        if image not in metadata and txt in self.errors:
-            reasons = reasons + [f"{txt.name}: {r}" for r in self.errors[txt]]
-        if reasons:
-            self.lines.append(f"{self.rel(image)}: dropped ({'; '.join(reasons)})")
-            return
-        try:
-            caption = find_caption(image, metadata, self.root)
-        except (OSError, UnicodeDecodeError) as e:  # changed since the report was made
-            self.lines.append(f"{self.rel(image)}: dropped (caption unreadable: {e})")
-            return
-        text = caption.text or self.instance_prompt
-        if text is None:
-            self.lines.append(f"{self.rel(image)}: dropped (no caption)")
-            return
-        target = self.write_image(image)
-        if target is None:
-            return
-        self.write_caption(image, target, text, caption)
-
-    def write_image(self, image: Path) -> Path | None:
-        rel = image.relative_to(self.root)
-        try:
-            why = rgb_resave_reason(image)
-            if why is None:
-                target = self.out / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(image, target)
-                return target
-            name = rel.with_suffix(".png")
-            if image.suffix != ".png" and os.path.lexists(self.root / name):  # a.jpg beside a.png: a.jpg.png
-                name = rel.with_name(rel.name + ".png")
-            target = self.out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            load_image(image).save(target)
-            self.lines.append(f"{rel.as_posix()}: re-saved as RGB PNG {name.as_posix()} ({why})")
-            return target
-        except (OSError, DataError, ValueError) as e:
-            self.lines.append(f"{rel.as_posix()}: dropped (cannot convert: {e})")
-            return None
-
-    def write_caption(self, image: Path, target: Path, text: str, caption: Caption) -> None:
-        rel = self.rel(image)
-        if caption.source is None:
-            self.lines.append(f"{rel}: caption filled with the instance prompt")
-        elif not caption.text:
-            self.lines.append(f"{rel}: empty caption replaced by the instance prompt")
-        elif caption.source.suffix == CAPTION_SUFFIX:
-            src = self.rel(caption.source)
-            if caption.bom:
-                self.lines.append(f"{src}: byte-order mark removed")
-            if caption.raw_text is not None and caption.raw_text.strip("\n") != text:
-                self.lines.append(f"{src}: whitespace normalised")
-        target.with_suffix(CAPTION_SUFFIX).write_text(text + "\n", encoding="utf-8")
-
-
-def fix_dataset(
-    root: str | os.PathLike[str], out: str | os.PathLike[str], report: Report, instance_prompt: str | None = None
-) -> list[str]:
-    """Write a cleaned copy of root into out (root is never modified); the changes, one line each, also in FIXES.txt.
-
-    Dropped: files with errors, duplicates, orphan captions. Fixed: caption BOM and whitespace; EXIF-rotated, CMYK,
-    palette, 16-bit, transparent and animated images are re-saved as RGB PNG; missing or empty captions take
-    instance_prompt when given; metadata.jsonl captions become .txt files.
-    """
-    root_path = dataset_root(root)
-    if root_path != report.root:
-        raise DataError(f"{root}: the report is for another folder ({report.root})")
-    out_path = check_output_folder(root_path, out)
-    lines = _Fixer(report, out_path, instance_prompt).run()
-    (out_path / FIXES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return lines
-
-
-# ------------------------------------------------------------------------------------------------------ command
-
-
-def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
-    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (UsageError on failure)."""
-    from ..errors import UsageError
-
-    path = Path(model)
-    if not (path / "tokenizer").is_dir():
-        raise UsageError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    except Exception as e:
-        raise UsageError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
-    family = "dev"
-    try:
-        if "klein" in json.loads((path / "model_index.json").read_text()).get("_class_name", "").lower():
-            family = "klein"
-    except (OSError, ValueError, AttributeError):
-        pass
-    return tokenizer, prompt_overhead(tokenizer, family)
+        return getattr(fix, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
