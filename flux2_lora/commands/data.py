@@ -37,10 +37,10 @@ def validate(
         max_tokens: Text encoder prompt length.
         instance_prompt: Caption for images without one.
     """
+    from ..data.fix import fix_dataset
     from ..data.validate import (
         FIXES_FILE,
         dataset_root,
-        fix_dataset,
         format_report,
         is_cache,
         load_tokenizer,

@@ -16,8 +16,9 @@ from pathlib import Path
 from PIL import Image, ImageEnhance
 from tqdm.auto import tqdm
 
+from .fix import check_output_folder
 from .folder import DataError, load_image
-from .validate import CAPTION_SUFFIX, check_output_folder, dataset_root, find_caption, image_files, read_metadata
+from .validate import CAPTION_SUFFIX, dataset_root, find_caption, image_files, read_metadata
 
 log = logging.getLogger(__name__)
 

@@ -639,11 +639,3 @@ def validate_cache(root: str | os.PathLike[str]) -> Report:
         report.problems.append(Problem(path / p.file, "error", "corrupt-cache", reason))
     report.advice = f"the cache is corrupt: {rebuild_hint(path)}"
     return report
-
-
-def __getattr__(name: str) -> Any:  # moved to .fix (which imports this module): loaded from there when first used
-    if name in ("check_output_folder", "fix_dataset"):
-        from . import fix
-
-        return getattr(fix, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

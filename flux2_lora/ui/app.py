@@ -186,8 +186,9 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 return summary, problem_rows(report), str(hist), format_analysis(stats), thumbnails(root)
 
             def fix(path: str, min_res: Any, out: str) -> str:
+                from ..data.fix import fix_dataset
                 from ..data.folder import DataError
-                from ..data.validate import fix_dataset, validate_dataset
+                from ..data.validate import validate_dataset
 
                 try:
                     root = roots.resolve(path, "dataset")

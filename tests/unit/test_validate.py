@@ -16,15 +16,16 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
+from flux2_lora.data.fix import fix_dataset
 from flux2_lora.data.folder import DataError, scan_folder
 from flux2_lora.data.validate import (
     FIXES_FILE,
     Problem,
     Report,
-    fix_dataset,
     format_report,
     validate_dataset,
 )
+
 
 def cmd_validate(argv: list[str]) -> int:
     """`flux2-lora data validate ARGV` through the command layer, with its errors raised."""
