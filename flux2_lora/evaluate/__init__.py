@@ -5,7 +5,8 @@ metrics.py   CLIP score, diversity, overfitting (nearest training image), the co
 generate.py  the base model once, each LoRA loaded through diffusers' `load_lora_weights`; fixed seeds
 suite.py     the built-in prompt templates and user YAML suites
 report.py    labelled grids, HTML pages, tables and markdown
-commands.py  `flux2-lora eval compare | assess-quality | test-prompts | select-best`
+runs.py      compare, assess-quality, test-prompts, select-best: each writes its folder and returns its result
+             (`flux2-lora eval ...` is flux2_lora/commands/eval.py; docs/eval.md)
 callback.py  the same metrics at every validation of a training run
 """
 

@@ -176,12 +176,12 @@ def run_recipe(run: Path | None) -> Recipe | None:
     """The resolved recipe of a training run (OUTPUT/recipe.yaml), or None."""
     if run is None or not (run / "recipe.yaml").exists():
         return None
-    from ..cli import CliError, parse_train
-    from ..config import RecipeError
+    from ..errors import RecipeError, UsageError
+    from ..recipe import parse_recipe
 
     try:
-        recipe, _ = parse_train(["--config", str(run / "recipe.yaml")], need_data=False)
-    except (CliError, RecipeError) as e:
+        recipe, _ = parse_recipe(["--config", str(run / "recipe.yaml")], need_data=False)
+    except (UsageError, RecipeError) as e:
         log.warning("%s: not used (%s)", run / "recipe.yaml", e)
         return None
     return recipe

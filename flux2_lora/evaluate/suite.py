@@ -69,7 +69,7 @@ def fill(category: str, template: str, concept: str, cls: str) -> SuitePrompt:
 
 def load_suite(path: str) -> list[tuple[str, str]]:
     """(category, template) pairs from a user YAML suite."""
-    from ..cli import read_yaml
+    from ..recipe import read_yaml
 
     data = read_yaml(Path(path).expanduser(), "--suite")
     items = data.get("prompts") if isinstance(data, dict) else data

@@ -4,7 +4,8 @@
   layouts.py   the in-memory form, each layout's names, reading (any layout) and writing (diffusers, comfyui, kohya)
   fit.py       which model a LoRA fits, train --init-lora, lora inspect
   merge.py     export --merge
-  commands.py  the `export` and `lora inspect` commands
+
+The `export` and `lora inspect` commands are flux2_lora/commands/interop.py (docs/interop.md).
 
 Every LoRA is read into one form: a dict from diffusers module names (`transformer_blocks.0.attn.to_q`) to a
 `LoraModule` (down = A of shape (r, in), up = B of shape (out, r), alpha; the update is alpha / r * B @ A).
@@ -33,7 +34,6 @@ Writing (export, --merge) goes to a temporary file or folder beside the output, 
 complete: a failed write leaves nothing behind, and an existing output is replaced only with --overwrite.
 """
 
-from .commands import cmd_export, cmd_lora
 from .fit import (
     TINY_TRANSFORMER,
     apply_init_lora,
@@ -49,6 +49,7 @@ from .fit import (
 )
 from .layouts import (
     ADAPTER_METADATA_KEY,
+    EXPORT_DTYPES,
     EXPORT_FORMATS,
     FORMATS,
     LoraFile,
@@ -61,6 +62,7 @@ from .layouts import (
     convert_tensors,
     describe_targets,
     detect_format,
+    export_lora,
     export_metadata,
     from_bfl,
     fuse,
@@ -78,6 +80,7 @@ from .safety import PICKLE_SUFFIXES, LoraFileError, require_safetensors, require
 
 __all__ = [
     "ADAPTER_METADATA_KEY",
+    "EXPORT_DTYPES",
     "EXPORT_FORMATS",
     "FORMATS",
     "MERGE_INFO",
@@ -96,11 +99,10 @@ __all__ = [
     "check_init_lora",
     "check_output_file",
     "check_output_folder",
-    "cmd_export",
-    "cmd_lora",
     "convert_tensors",
     "describe_targets",
     "detect_format",
+    "export_lora",
     "export_metadata",
     "format_inspect",
     "from_bfl",

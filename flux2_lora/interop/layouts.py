@@ -20,11 +20,19 @@ from typing import Any
 import torch
 
 from ..checkpoint import METADATA_PREFIX, os_reason
+from ..errors import UsageError
 from .safety import LoraFileError, resolve_lora_path
 
 FORMATS = ("diffusers", "peft", "comfyui", "ai-toolkit", "kohya")
 EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
+# `export --dtype`: the dtype of the written tensors (keep: as they are in the file read).
+EXPORT_DTYPES: dict[str, torch.dtype | None] = {
+    "keep": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,3 +702,22 @@ def write_lora(lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None =
                 with contextlib.suppress(OSError):
                     d.rmdir()
     return path
+
+
+def export_lora(
+    spec: str, output: str, fmt: str = "diffusers", dtype: torch.dtype | None = None, overwrite: bool = False
+) -> tuple[Path, LoraFile]:
+    """`export`: the LoRA at `spec` (any known layout, or a run folder) written as `fmt` to the `.safetensors` file
+    `output` (see write_lora). The output is checked before the LoRA is read; returns its path and the LoRA read."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format: must be one of {', '.join(EXPORT_FORMATS)} (got {fmt})")
+    out_path = Path(output).expanduser()
+    if out_path.suffix != ".safetensors":
+        raise UsageError(f"--output: {output} must end in .safetensors")
+    src = resolve_lora_path(spec)
+    if out_path.resolve() == src.resolve():
+        raise UsageError(f"--output: {output} is the input file; choose another path")
+    check_output_file(out_path, overwrite)  # before the LoRA is read
+    lora = load_lora(src)
+    write_lora(lora, out_path, fmt, dtype, overwrite=overwrite)
+    return out_path, lora

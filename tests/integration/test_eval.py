@@ -415,8 +415,8 @@ def test_prompts_are_encoded_as_the_runs_recipe_places_and_quantizes_the_text_en
 ) -> None:
     import shutil
 
-    from flux2_lora.evaluate.commands import _checkpoints
     from flux2_lora.evaluate.generate import Evaluator
+    from flux2_lora.evaluate.runs import checkpoint_refs as _checkpoints
 
     int8_run = tmp_path / "int8-run"
     shutil.copytree(run, int8_run, ignore=shutil.ignore_patterns("cache", "logs", "samples"))

@@ -1,85 +1,34 @@
-"""`flux2-lora eval compare | assess-quality | test-prompts | select-best`.
+"""The four evaluations: compare checkpoints, assess their quality, run a prompt suite, rank them.
 
-Every command takes LoRA checkpoints as paths (a `.safetensors` file or a `checkpoints/step-N` folder) or
-`--run OUTPUT` (all of a training run's checkpoints). The base model comes from the LoRA header
-(`flux2_lora.base_model`) unless `--model` names one; generation settings default to the run's recipe.
-CLIP weights: `--clip-weights FILE.safetensors`, or an open_clip safetensors file in the hub cache.
+Each takes LoRA checkpoints as paths (a `.safetensors` file or a `checkpoints/step-N` folder) or a training run
+(all of its checkpoints: `checkpoint_refs`). The base model comes from the LoRA header (`flux2_lora.base_model`)
+unless a model is named; generation settings default to the run's recipe. CLIP weights: a `.safetensors` file, or
+an open_clip safetensors file in the hub cache. Each writes its images, JSON and pages to an output folder and
+returns what it measured; the command layer (`flux2-lora eval ...`) prints it.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from . import EvalError
 from .clip import DEFAULT_CLIP_MODEL, ClipModel, load_clip
 from .generate import Evaluator, LoraRef, logged_val_loss, resolve_lora, run_checkpoints, strip_trigger, training_images
-from .metrics import DEFAULT_WEIGHTS, OVERFIT_THRESHOLD, clip_score, diversity, overfitting, rank
-from .report import html_page, labelled_grid, markdown_table, table, write_json
-
-SUBCOMMANDS = ("compare", "assess-quality", "test-prompts", "select-best")
-
-
-def cmd_eval(argv: list[str]) -> int:
-    sub, rest = (argv[0], argv[1:]) if argv else ("", [])
-    runners = {
-        "compare": cmd_compare,
-        "assess-quality": cmd_assess_quality,
-        "test-prompts": cmd_test_prompts,
-        "select-best": cmd_select_best,
-    }
-    if sub not in runners:
-        from ..cli import CliError
-
-        raise CliError(f"eval: expected one of {', '.join(SUBCOMMANDS)} (see `flux2-lora --help`)")
-    return runners[sub](rest)
-
+from .metrics import OVERFIT_THRESHOLD, clip_score, diversity, overfitting, rank
+from .report import html_page, labelled_grid, markdown_table, write_json
 
 # ---------------------------------------------------------------------------------------------
-# Arguments shared by the subcommands
+# What every evaluation starts from
 # ---------------------------------------------------------------------------------------------
 
 
-def _parser(name: str, description: str) -> Any:
-    from ..cli import command_parser
-
-    return command_parser(f"eval {name}", description)
-
-
-def _generation_args(p: Any, seeds: list[int]) -> None:
-    p.add_argument(
-        "--model", type=str | None, default=None, help="Base model (default: the LoRA's flux2_lora.base_model)."
-    )
-    p.add_argument("--seeds", type=int, nargs="+", default=seeds, help="Seeds: one column of fixed noise each.")
-    p.add_argument(
-        "--size", type=int | None, default=None, help="Image side in pixels (default: the run's sample size)."
-    )
-    p.add_argument("--steps", type=int, default=28, help="Denoising steps per image.")
-    p.add_argument("--guidance", type=float, default=4.0, help="Guidance scale.")
-    p.add_argument("--max-sequence-length", type=int | None, default=None, help="Prompt tokens (default: the run's).")
-    p.add_argument("--device", type=str | None, default=None, help="cuda or cpu (default: cuda when available).")
-    p.add_argument("--dtype", type=str | None, default=None, choices=["bf16", "fp16", "fp32", None],
-                   help="Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).")  # fmt: skip
-    p.add_argument("--output", type=str | None, default=None, help="Output folder (default: RUN/eval/CMD or eval/CMD).")
-
-
-def _clip_args(p: Any) -> None:
-    p.add_argument("--clip-model", type=str, default=DEFAULT_CLIP_MODEL,
-                   help="open_clip architecture (e.g. ViT-B-32, ViT-L-14) or an open_clip model config .json.")  # fmt: skip
-    p.add_argument("--clip-weights", type=str | None, default=None,
-                   help="open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.")  # fmt: skip
-    p.add_argument(
-        "--clip-pretrained", type=str | None, default=None, help="open_clip tag to look up in the hub cache."
-    )
-    p.add_argument("--overfit-threshold", type=float, default=OVERFIT_THRESHOLD,
-                   help="Similarity to the nearest training image at or above which a generation counts as a copy.")  # fmt: skip
-
-
-def _checkpoints(ckpts: list[str], run: str | None, what: str = "CKPT") -> list[LoraRef]:
+def checkpoint_refs(ckpts: list[str], run: str | None, what: str = "CKPT") -> list[LoraRef]:
+    """The LoRAs named (files or checkpoint folders) and, with `run`, every checkpoint of that run; each file once."""
     refs = [resolve_lora(c, what) for c in ckpts]
     if run:
         refs += run_checkpoints(run)
@@ -88,27 +37,38 @@ def _checkpoints(ckpts: list[str], run: str | None, what: str = "CKPT") -> list[
         unique.setdefault(r.path.resolve(), r)  # each file once
     refs = list(unique.values())
     if not refs:
-        from ..cli import CliError
-
-        raise CliError(f"{what}: give at least one LoRA checkpoint or --run OUTPUT")
+        raise UsageError(f"{what}: give at least one LoRA checkpoint or --run OUTPUT")
     return refs
 
 
-def _evaluator(a: Any, refs: list[LoraRef]) -> Evaluator:
-    if a.steps < 1:
-        raise EvalError(f"--steps: must be >= 1, got {a.steps}")
-    if not a.seeds:
+def evaluator(
+    refs: list[LoraRef],
+    seeds: list[int],
+    model: str | None = None,
+    size: int | None = None,
+    steps: int = 28,
+    guidance: float = 4.0,
+    max_sequence_length: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Evaluator:
+    """The Evaluator for these LoRAs, after checking the generation settings."""
+    if steps < 1:
+        raise EvalError(f"--steps: must be >= 1, got {steps}")
+    if not seeds:
         raise EvalError("--seeds: give at least one seed")
-    return Evaluator(refs, a.model, a.device, a.dtype, a.size, a.steps, a.guidance, a.max_sequence_length)
+    return Evaluator(refs, model, device, dtype, size, steps, guidance, max_sequence_length)
 
 
-def _device(a: Any) -> torch.device:
-    return torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def eval_device(device: str | None) -> torch.device:
+    """`device`, else cuda when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _output(a: Any, refs: list[LoraRef], name: str) -> Path:
-    if a.output:
-        out = Path(a.output).expanduser()
+def output_dir(output: str | None, refs: list[LoraRef], name: str) -> Path:
+    """`output`, else RUN/eval/NAME for the first LoRA from a run, else eval/NAME; created."""
+    if output:
+        out = Path(output).expanduser()
     else:
         run = next((r.run for r in refs if r.run is not None), None)
         out = (run / "eval" / name) if run is not None else Path("eval") / name
@@ -116,14 +76,22 @@ def _output(a: Any, refs: list[LoraRef], name: str) -> Path:
     return out
 
 
-def _clip(a: Any, device: torch.device) -> ClipModel:
-    if not 0.0 < a.overfit_threshold <= 1.0:
-        raise EvalError(f"--overfit-threshold: must be in (0, 1], got {a.overfit_threshold}")
-    return load_clip(a.clip_model, a.clip_weights, a.clip_pretrained, device)
+def eval_clip(
+    device: torch.device,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    clip_weights: str | None = None,
+    clip_pretrained: str | None = None,
+    overfit_threshold: float = OVERFIT_THRESHOLD,
+) -> ClipModel:
+    """The CLIP model, after checking the overfitting threshold (so a bad one fails before any model loads)."""
+    if not 0.0 < overfit_threshold <= 1.0:
+        raise EvalError(f"--overfit-threshold: must be in (0, 1], got {overfit_threshold}")
+    return load_clip(clip_model, clip_weights, clip_pretrained, device)
 
 
-def _prompts(a: Any, ev: Evaluator, fallback: list[str] | None = None) -> list[str]:
-    prompts = list(a.prompt or [])
+def eval_prompts(prompt: list[str] | None, ev: Evaluator, fallback: list[str] | None = None) -> list[str]:
+    """The prompts given, else the run's validation prompts, else `fallback`."""
+    prompts = list(prompt or [])
     if not prompts and ev.recipe is not None:
         prompts = list(ev.recipe.validation.prompts)
     if not prompts and fallback:
@@ -133,23 +101,19 @@ def _prompts(a: Any, ev: Evaluator, fallback: list[str] | None = None) -> list[s
     return prompts
 
 
-def _training_data(a: Any, ev: Evaluator, required: bool) -> str | None:
-    data = getattr(a, "training_data", None) or (ev.recipe.data.dataset if ev.recipe is not None else None)
+def training_data_of(given: str | None, ev: Evaluator, required: bool) -> str | None:
+    """The training images given, else the run's dataset (an error when `required` and there is none)."""
+    data = given or (ev.recipe.data.dataset if ev.recipe is not None else None)
     if data is None and required:
         raise EvalError("--training-data: needed (an image folder or shards; the run's recipe names no dataset)")
     return data
 
 
-def _trigger(ev: Evaluator) -> str | None:
+def run_trigger(ev: Evaluator) -> str | None:
+    """The trigger word of the run's recipe, else of the first LoRA header that names one."""
     if ev.recipe is not None and ev.recipe.data.trigger:
         return ev.recipe.data.trigger
     return next((r.trigger for r in ev.refs if r.trigger), None)
-
-
-def _done(paths: list[Path]) -> None:
-    for p in paths:
-        print(f"wrote {p}")
-    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,30 +121,12 @@ def _done(paths: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_compare(argv: list[str]) -> int:
-    p = _parser("compare", "Grid of checkpoints x prompts x seeds (same noise per column) and an HTML page.")
-    p.add_argument("ckpts", type=str, nargs="*", help="LoRA .safetensors files or checkpoints/step-N folders.")
-    p.add_argument("--run", type=str | None, default=None, help="Also take every checkpoint of this training run.")
-    p.add_argument(
-        "--prompt", type=str, nargs="+", action="extend", help="Prompts (default: the run's sample prompts)."
-    )
-    p.add_argument("--include-base", type=bool, default=False, help="Add a row for the base model without a LoRA.")
-    _generation_args(p, [0])
-    from ..cli import _parse
-
-    a = _parse(p, argv)
-    refs = _checkpoints(a.ckpts, a.run)
-    ev = _evaluator(a, refs)
-    prompts = _prompts(a, ev)
-    out = _output(a, refs, "compare")
-    result = compare(ev, prompts, a.seeds, out, a.include_base)
-    _done([result["grid"], result["html"], out / "compare.json"])
-    return 0
-
-
 def compare(
     ev: Evaluator, prompts: list[str], seeds: list[int], out: Path, include_base: bool = False
 ) -> dict[str, Any]:
+    """One row per LoRA (the base model first with `include_base`), one column per (prompt, seed) with the same
+    noise down each column. Writes OUT/images, grid.png, index.html and compare.json; returns the grid and page
+    paths and the row labels."""
     embeds = ev.encode(prompts)
     ev.load()
     rows: list[LoraRef | None] = ([None] if include_base else []) + list(ev.refs)
@@ -241,7 +187,7 @@ def assess(
 
     clip None: no generation (loss only). train: (keys, embeddings) of the training images, or None.
     index: the cached validation items, or None to use only the loss the run logged."""
-    trigger = _trigger(ev)
+    trigger = run_trigger(ev)
     texts = clip.embed_texts([strip_trigger(p, trigger) for p in prompts]) if clip is not None else None
     rows = []
     for i, ref in enumerate(tqdm(ev.refs, desc="eval: checkpoints", unit="ckpt")):
@@ -301,88 +247,47 @@ QUALITY_COLUMNS = [
 ]
 
 
-def cmd_assess_quality(argv: list[str]) -> int:
-    p = _parser("assess-quality", "CLIP score, diversity, overfitting and validation loss of LoRA checkpoints.")
-    p.add_argument("--checkpoint", type=str, nargs="+", action="extend", help="LoRA file(s) or checkpoint folder(s).")
-    p.add_argument("--run", type=str | None, default=None, help="Also take every checkpoint of this training run.")
-    p.add_argument("--training-data", type=str | None, default=None,
-                   help="Training images (folder or shards; default: the run's dataset).")  # fmt: skip
-    p.add_argument("--prompt", type=str, nargs="+", action="extend",
-                   help="Prompts (default: the run's sample prompts, else training captions).")  # fmt: skip
-    _generation_args(p, [0, 1, 2])
-    _clip_args(p)
-    from ..cli import _parse
-
-    a = _parse(p, argv)
-    refs = _checkpoints(a.checkpoint or [], a.run, "--checkpoint")
-    clip = _clip(a, _device(a))  # before any model loads: a missing CLIP model fails in seconds, not minutes
-    ev = _evaluator(a, refs)
-    data = _training_data(a, ev, required=True)
-    assert data is not None
-    out = _output(a, refs, "quality")
-    keys, captions, images = training_images(data, ev.recipe.data.instance_prompt if ev.recipe else None)
-    trigger = _trigger(ev)
+def assess_quality(
+    ev: Evaluator,
+    clip: ClipModel,
+    data: str,
+    prompt: list[str] | None,
+    seeds: list[int],
+    overfit_threshold: float,
+    out: Path,
+) -> dict[str, Any]:
+    """Validation loss, CLIP score, diversity and overfitting of each checkpoint, against the training images in
+    `data`. Prompts: `prompt`, else the run's validation prompts, else up to four training captions. Writes the
+    generations to OUT/images and the result to OUT/quality.json, and returns that result."""
     from ..data.cache import full_caption
 
-    prompts = _prompts(a, ev, [full_caption(c, trigger) for c in dict.fromkeys(captions) if c][:4])
+    keys, captions, images = training_images(data, ev.recipe.data.instance_prompt if ev.recipe else None)
+    trigger = run_trigger(ev)
+    prompts = eval_prompts(prompt, ev, [full_caption(c, trigger) for c in dict.fromkeys(captions) if c][:4])
     train = (keys, clip.embed_images(images))
     index = ev.val_cache(data, out)
     embeds = ev.encode(prompts)
     ev.load()
     (out / "images").mkdir(exist_ok=True)
-    rows = assess(ev, clip, prompts, embeds, a.seeds, train, a.overfit_threshold, index, out / "images")
+    rows = assess(ev, clip, prompts, embeds, seeds, train, overfit_threshold, index, out / "images")
     result = {
         "model": ev.src.name,
         "clip_model": clip.name,
         "clip_weights": clip.weights,
         "training_data": data,
-        "overfit_threshold": a.overfit_threshold,
+        "overfit_threshold": overfit_threshold,
         "prompts": prompts,
-        "seeds": a.seeds,
+        "seeds": seeds,
         "settings": vars(ev.gen),
         "checkpoints": rows,
     }
     write_json(out / "quality.json", result)
-    print(table(rows, QUALITY_COLUMNS))
-    for r in rows:
-        for f in r.get("overfit_flagged", []):
-            print(f"overfit: {r['checkpoint']} '{f['prompt']}' seed {f['seed']} ~ training image {f['training_image']} "
-                  f"(similarity {f['similarity']:.3f} >= {a.overfit_threshold})")  # fmt: skip
-    _done([out / "quality.json"])
-    return 0
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # test-prompts
 # ---------------------------------------------------------------------------------------------
-
-
-def cmd_test_prompts(argv: list[str]) -> int:
-    p = _parser("test-prompts", "Run a prompt suite (built-in templates and/or a YAML file) on one LoRA.")
-    p.add_argument("--checkpoint", type=str, required=True, help="LoRA file or checkpoint folder.")
-    p.add_argument("--concept", type=str, required=True, help='The trained concept with its trigger, e.g. "sks dog".')
-    p.add_argument("--trigger", type=str | None, default=None,
-                   help="The trigger word (default: the LoRA's, else the concept's first word).")  # fmt: skip
-    p.add_argument("--suite", type=str | None, default=None, help="A YAML prompt suite (see README: Evaluation).")
-    p.add_argument("--no-builtin", type=bool, default=False, help="Run only the --suite prompts.")
-    p.add_argument("--leakage-threshold", type=float, default=0.85,
-                   help="A trigger-less prompt whose image is less similar than this to the base model's is flagged.")  # fmt: skip
-    _generation_args(p, [0, 1])
-    _clip_args(p)
-    from ..cli import _parse
-
-    a = _parse(p, argv)
-    ref = resolve_lora(a.checkpoint, "--checkpoint")
-    from .suite import build_suite
-
-    items, trigger = build_suite(a.concept, a.trigger or ref.trigger, a.suite, not a.no_builtin)
-    clip = _clip(a, _device(a))
-    ev = _evaluator(a, [ref])
-    out = _output(a, [ref], "prompts")
-    result = test_prompts(ev, clip, items, trigger, a.seeds, a.leakage_threshold, out)
-    print(table(result["prompts"], PROMPT_COLUMNS))
-    _done([out / "grid.png", out / "prompts.json", out / "prompts.md"])
-    return 0
 
 
 PROMPT_COLUMNS = [
@@ -404,6 +309,9 @@ def test_prompts(
     leakage_threshold: float,
     out: Path,
 ) -> dict[str, Any]:
+    """Each suite prompt on the LoRA, with CLIP score and diversity; a leakage prompt (no trigger) is also run on
+    the base model and flagged when its images drift from the base model's. Writes OUT/images, grid.png,
+    prompts.json and prompts.md; returns the result written to prompts.json."""
     from .suite import LEAKAGE
 
     prompts = [it.prompt for it in items]
@@ -463,6 +371,7 @@ def test_prompts(
 # select-best
 # ---------------------------------------------------------------------------------------------
 
+
 RANK_COLUMNS = [
     ("rank", "rank"),
     ("checkpoint", "checkpoint"),
@@ -475,69 +384,63 @@ RANK_COLUMNS = [
 ]
 
 
-def cmd_select_best(argv: list[str]) -> int:
-    p = _parser("select-best", "Rank checkpoints by a composite score and name the best (README: Evaluation).")
-    p.add_argument("ckpts", type=str, nargs="*", help="LoRA .safetensors files or checkpoints/step-N folders.")
-    p.add_argument("--run", type=str | None, default=None, help="Rank every checkpoint of this training run.")
-    p.add_argument("--training-data", type=str | None, default=None,
-                   help="Training images (default: the run's dataset): overfitting, and validation loss not in the log.")  # fmt: skip
-    p.add_argument(
-        "--prompt", type=str, nargs="+", action="extend", help="Prompts (default: the run's sample prompts)."
-    )
-    for k, v in DEFAULT_WEIGHTS.items():
-        p.add_argument(f"--weight-{k}", type=float, default=v, help=f"Weight of the {k} term (0 skips it).")
-    _generation_args(p, [0, 1])
-    _clip_args(p)
-    from ..cli import _parse
-
-    a = _parse(p, argv)
-    weights = {k: getattr(a, f"weight_{k}") for k in DEFAULT_WEIGHTS}
+def check_weights(weights: dict[str, float]) -> None:
+    """Every weight of the composite score (DEFAULT_WEIGHTS' keys) >= 0, and one at least > 0."""
     for k, w in weights.items():
         if w < 0:
             raise EvalError(f"--weight-{k}: must be >= 0, got {w}")
     if not any(weights.values()):
         raise EvalError("--weight-*: at least one weight must be > 0")
-    refs = _checkpoints(a.ckpts, a.run)
-    ev = _evaluator(a, refs)
-    out = _output(a, refs, "select-best")
-    ranked = select_best(ev, a, weights, out)
-    print(table(ranked, RANK_COLUMNS))
-    best = ranked[0]
-    print(f"best: {best['checkpoint']} ({best['path']}), score {best['score']:.4f}")
-    _done([out / "ranking.json", out / "ranking.md"])
-    return 0
 
 
-def select_best(ev: Evaluator, a: Any, weights: dict[str, float], out: Path) -> list[dict[str, Any]]:
+def select_best(
+    ev: Evaluator,
+    weights: dict[str, float],
+    out: Path,
+    seeds: list[int],
+    prompt: list[str] | None = None,
+    training_data: str | None = None,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    clip_weights: str | None = None,
+    clip_pretrained: str | None = None,
+    overfit_threshold: float = OVERFIT_THRESHOLD,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Rank the checkpoints by the composite score (metrics.py) with these weights (DEFAULT_WEIGHTS' keys).
+
+    Writes OUT/ranking.json and OUT/ranking.md. Returns the ranking, best first, and a line saying why it fell back
+    to validation loss alone (no CLIP weights given and none in the hub cache), or None."""
+    check_weights(weights)
+    weights = dict(weights)
+    note = None
     need_images = weights["clip"] > 0 or weights["diversity"] > 0 or weights["overfit"] > 0
-    if weights["diversity"] > 0 and len(a.seeds) < 2:
+    if weights["diversity"] > 0 and len(seeds) < 2:
         raise EvalError("--seeds: diversity needs at least two seeds (or --weight-diversity 0)")
     clip = None
     if need_images:
         try:
-            clip = _clip(a, ev.device)
+            clip = eval_clip(ev.device, clip_model, clip_weights, clip_pretrained, overfit_threshold)
         except EvalError:
             # No CLIP weights given and none found: rank by validation loss, as the web app does. Weights given
             # explicitly that cannot be used stay an error, and so does a ranking that asked for no loss term.
-            if a.clip_weights is not None or weights["loss"] <= 0 or not 0.0 < a.overfit_threshold <= 1.0:
+            if clip_weights is not None or weights["loss"] <= 0 or not 0.0 < overfit_threshold <= 1.0:
                 raise
-            print(
-                f"select-best: no CLIP weights for {a.clip_model} (--clip-weights FILE.safetensors, or open_clip "
+            note = (
+                f"select-best: no CLIP weights for {clip_model} (--clip-weights FILE.safetensors, or open_clip "
                 "weights in the hub cache): ranking by validation loss only"
             )
             weights.update(clip=0.0, diversity=0.0, overfit=0.0)
             need_images = False
     need_loss = weights["loss"] > 0 and any(logged_val_loss(r) is None for r in ev.refs)
-    data = _training_data(a, ev, required=need_loss or weights["overfit"] > 0)
+    data = training_data_of(training_data, ev, required=need_loss or weights["overfit"] > 0)
     train = None
     if clip is not None and weights["overfit"] > 0 and data is not None:
         keys, _, images = training_images(data, ev.recipe.data.instance_prompt if ev.recipe else None)
         train = (keys, clip.embed_images(images))
     index = ev.val_cache(data, out) if need_loss and data is not None else None
-    prompts = _prompts(a, ev) if need_images else []
+    prompts = eval_prompts(prompt, ev) if need_images else []
     embeds = ev.encode(prompts) if need_images else {}
     ev.load()
-    rows = assess(ev, clip, prompts, embeds, a.seeds, train, a.overfit_threshold, index, None, prefer_logged_loss=True)
+    rows = assess(ev, clip, prompts, embeds, seeds, train, overfit_threshold, index, None, prefer_logged_loss=True)
     if weights["loss"] > 0:
         missing = [r["checkpoint"] for r in rows if r["val_loss"] is None]
         if missing:
@@ -552,7 +455,7 @@ def select_best(ev: Evaluator, a: Any, weights: dict[str, float], out: Path) -> 
         "checkpoints, 1 = best; O = share of generations flagged as overfit)",
         "clip_model": clip.name if clip else None,
         "prompts": prompts,
-        "seeds": a.seeds,
+        "seeds": seeds,
         "ranking": ranked,
     }
     write_json(out / "ranking.json", result)
@@ -564,4 +467,4 @@ def select_best(ev: Evaluator, a: Any, weights: dict[str, float], out: Path) -> 
         "(L: validation loss, C: CLIP score, D: diversity, each rescaled to [0, 1] over these checkpoints with 1 the "
         "best; O: share of generations flagged as overfit).\n\n" + markdown_table(ranked, RANK_COLUMNS) + "\n"
     )
-    return ranked
+    return ranked, note
