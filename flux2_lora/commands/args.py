@@ -180,7 +180,9 @@ class Spec:
             return None
         shown = name if p.kind is inspect.Parameter.POSITIONAL_ONLY else flag(name)
         why = self.helps.get(name, "").rstrip(".")
-        return UsageError(f"{shown}: required" + (f" ({why[0].lower() + why[1:]})" if why else ""))
+        if why[:2].istitle():  # "Dataset folder" -> "dataset folder", but "LoRA file" stays
+            why = why[0].lower() + why[1:]
+        return UsageError(f"{shown}: required" + (f" ({why})" if why else ""))
 
     def numeric(self, message: str) -> UsageError | None:
         """`--flag: must be a number (got X)` for a command's own number flag, in the words users read elsewhere."""
