@@ -180,7 +180,7 @@ class Spec:
             return None
         shown = name if p.kind is inspect.Parameter.POSITIONAL_ONLY else flag(name)
         why = self.helps.get(name, "").rstrip(".")
-        if why[:2].istitle():  # "Dataset folder" -> "dataset folder", but "LoRA file" stays
+        if why.split(" ")[0][1:].islower():  # "Dataset folder" -> "dataset folder", but "LoRA file" stays
             why = why[0].lower() + why[1:]
         return UsageError(f"{shown}: required" + (f" ({why})" if why else ""))
 
