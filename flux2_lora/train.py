@@ -1,22 +1,35 @@
 """The training loop, top to bottom: setup -> cache -> LoRA -> fit (step, log, validate, checkpoint) -> export.
 
-Read `fit()` for the step. Everything random in it comes from the seed: the data order from (seed, epoch),
-and each sample's caption dropout, flip, sigma and noise from (seed, data pass, sample key), so a killed run
-resumes to the same weights as an uninterrupted one, and the number of processes does not change the draws.
-The multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3) is applied in one place, `distributed.make_accelerator`.
+The step is `Trainer._fit()`: each pass of its `while` loop takes one micro-batch, draws its noise, sigmas, flips
+and caption dropout (`_draw`), builds position ids (`_position_ids`), runs the flow-matching loss, backward and,
+once per optimizer step, clips and steps (`_step_unless`: the update is skipped on a NaN/inf), then logs,
+validates (`validation_loss`, `validate_and_sample`) and checkpoints. `setup()` above it builds everything the
+loop reads (model, LoRA, optimizer, data plan, callbacks); `run()` at the bottom is setup + fit.
+
+Everything random in the loop comes from the seed: the data order from (seed, epoch), and each sample's caption
+dropout, flip, sigma and noise from (seed, data pass, sample key), so a killed run resumes to the same weights
+as an uninterrupted one, and the number of processes does not change the draws.
+
+What is not the loop lives elsewhere (none of these modules imports this one):
+  - `distributed.py`       the multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3), applied in one place
+                           (`make_accelerator`), and the sharded-state helpers;
+  - `optim.py`             the optimizer and lr schedule (`make_optimizer`, `skips_on_device`, `make_lr_scheduler`);
+  - `train_checkpoint.py`  what a checkpoint holds and how a resume is checked and restored (`save_checkpoint`,
+                           `export_lora`, `check_resume`, `check_state`, `restore`, `TrainState`, `DATA_ORDER`);
+                           the files themselves are `checkpoint.py`;
+  - `run_files.py`         the run folder: its lock and recipe.yaml (`lock_output`, `prepare_output`),
+                           metrics.jsonl and the TensorBoard / W&B trackers (`log_metrics`, `log_images`,
+                           `init_trackers`), and a disk full or read-only folder told in one line (`storage_error`).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import interop
+from . import interop, train_checkpoint
 from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, TrainingError, WallClock
 from .config import Recipe, validate
 from .data.cache import (
@@ -41,18 +54,15 @@ from .data.cache import (
 from .data.folder import DataError
 from .data.stream import CachedSamples, GlobalBatches, RankBatchSampler, auto_workers, collate, describe
 from .distributed import (
-    all_finite,
     check_quantize_strategy,
     is_sharded,
     load_frozen_transformer,
     make_accelerator,
-    optimizer_state,
     place_for_prepare,
     plain_loading,
     sharded_load_line,
     shards_at_load,
     strategy_applied,
-    trainable_state,
     whole,
 )
 from .evaluate.callback import TrainingQuality
@@ -66,62 +76,25 @@ from .model import (
     count_parameters,
     enable_checkpointing,
     encoder_dtype,
-    pipeline_class,
     quiet_libraries,
     resolve_model,
 )
+from .optim import make_lr_scheduler, make_optimizer, skips_on_device
 from .plots import loss_plot, progress_sheet
 from .quant import check_quantize
+from .run_files import init_trackers, lock_output, log_images, log_metrics, prepare_output, storage_error
+from .run_files import write_recipe as _write_recipe  # noqa: F401 - flux2_lora.tune imports it from here
 from .sampling import render_samples
 from .swap import BlockSwapper, attach_block_swap
+from .train_checkpoint import TrainState
 
 log = logging.getLogger("flux2_lora")
-
-
-# Version of the data order (data/stream.py): a checkpoint with another one resumes, but not bitwise.
-DATA_ORDER = 2
-
-
-@dataclass
-class TrainState:
-    """What the loop itself must remember across a resume (saved as JSON in each checkpoint)."""
-
-    step: int = 0
-    val_history: list[tuple[int, float]] = field(default_factory=list)
-    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_seed(seed: int, data_pass: int, key: str) -> int:
     """A stable 63-bit seed for one sample's random draws in one pass over the data."""
     digest = hashlib.blake2b(f"{seed}:{data_pass}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
-    t = recipe.training
-    if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    # Fused AdamW (one kernel for all LoRA tensors, on CUDA and CPU) also skips a step on device through
-    # `found_inf`, so the NaN guard needs no host sync.
-    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(
-        params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None
-    )
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True when `optimizer.step()` honours a `found_inf` tensor (fused AdamW), so skipping needs no host sync."""
-    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> Any:
-    from diffusers.optimization import get_scheduler
-
-    t = recipe.training
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
 
 
 class Trainer:
@@ -163,28 +136,15 @@ class Trainer:
         quiet_libraries()
         set_seed(r.training.seed)
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock_output(self.out)
-            for name in ("checkpoints", "samples", "logs"):
-                if (self.out / name).exists() and not (self.out / name).is_dir():
-                    raise ckpt.CheckpointError(
-                        f"output.dir: {self.out / name} is a file where the run keeps its {name} folder; "
-                        "choose another --output"
-                    )
-            if not self.resume and ckpt.list_checkpoints(self.out / "checkpoints"):
-                raise ckpt.CheckpointError(
-                    f"output.dir: {self.out} already holds checkpoints; continue it with --resume latest "
-                    "or choose another --output"
-                )
-            (self.out / "samples").mkdir(exist_ok=True)
-            _write_recipe(self.out / "recipe.yaml", r)
+            self._lock = lock_output(self.out)
+            prepare_output(self.out, r, self.resume)
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
         # A quantization or block swap that cannot run here stops now, before the cache stage.
         check_quantize(r.model.quantize, self.device)
         check_quantize_strategy(r, self.strategy)
         self.signals.stage = "the resume check"
-        self._check_resume()
+        self._resume_path: Path | None = train_checkpoint.check_resume(self)
         if r.model.blocks_to_swap and acc.num_processes > 1:
             raise ModelError("model.blocks_to_swap: works with one training process only in this version (set it to 0)")
         self._print(f"model {self.src.name} (FLUX.2 {self.src.family}, text layers {list(self.src.text_layers)})")
@@ -295,10 +255,9 @@ class Trainer:
         self._ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if self._resume_path is not None:
             self.signals.stage = "resuming from a checkpoint"
-            self._restore(self._resume_path)
+            train_checkpoint.restore(self, self._resume_path)
         if self.is_main:
-            init_kwargs = {"wandb": {"mode": r.logging.wandb_mode, "dir": str(self.out)}} if r.logging.wandb else {}
-            acc.init_trackers(r.logging.wandb_project, config=_flat(r.to_dict()), init_kwargs=init_kwargs)
+            init_trackers(acc, r, self.out)
         self.metrics_file = self.out / "metrics.jsonl"
 
     def _num_workers(self) -> int:
@@ -622,175 +581,18 @@ class Trainer:
         if self.recipe.validation.prompts and (self.is_main or sharded):
             paths = render_samples(self, step, save=self.is_main)
             if paths:
-                self._log_images(paths, step)
+                log_images(self.accelerator, paths, step)
                 if self.quality is not None:
                     self._log({"step": step, **self.quality(paths, step)})
         self.accelerator.wait_for_everyone()
         return val
 
-    # ---------------------------------------------------------------------------------- checkpoint
-    def lora_metadata(self) -> dict[str, Any]:
-        r = self.recipe
-        return {
-            "base_model": r.model.name_or_path,
-            "family": self.src.family,
-            "trigger": r.data.trigger or "",
-            "rank": r.lora.rank,
-            "alpha": r.lora.alpha if r.lora.alpha is not None else r.lora.rank,
-            "targets": r.lora.targets,
-            "steps": self.state.step,
-            "resolution": r.data.resolution,
-        }
-
-    def _require_finite(self) -> None:
-        """Stop, writing nothing, when the LoRA's weights are no longer finite (every process calls this)."""
-        if all_finite(self.accelerator, self.trainable):
-            return
-        ckpts = ckpt.list_checkpoints(self.out / "checkpoints")
-        last = f"the last checkpoint, {ckpts[-1]}, is from before" if ckpts else "no checkpoint was written before it"
-        raise TrainingError(
-            f"training diverged: the LoRA's weights are non-finite (NaN/inf) at step {self.state.step}, so nothing "
-            f"was saved ({last}); lower training.lr (now {self.recipe.training.lr:g}) and start again"
-        )
+    # --------------------------------------------------------------- checkpoint and export (train_checkpoint.py)
+    def save_checkpoint(self) -> None:
+        train_checkpoint.save_checkpoint(self)
 
     def export(self, path: Path) -> Path:
-        self._require_finite()
-        model = self.accelerator.unwrap_model(self.model)
-        trainable = trainable_state(model)  # every process: gathers sharded LoRA tensors
-        if self.is_main:
-            ckpt.save_lora(
-                path, model, pipeline_class(self.src), self.lora_config, self.lora_metadata(), state_dict=trainable
-            )
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def save_checkpoint(self) -> None:
-        self._require_finite()  # a checkpoint with NaN weights would only resume into NaN
-        acc = self.accelerator
-        step = self.state.step
-        model = acc.unwrap_model(self.model)
-        # Every process takes part in gathering sharded tensors; the main process writes them.
-        trainable, optimizer = trainable_state(model), optimizer_state(self.optimizer, model)
-        if self.is_main:
-            state = {
-                "step": step,
-                "val_history": self.state.val_history,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()},
-                "world_size": acc.num_processes,
-                "strategy": self.strategy,
-                # The data position is `step` global batches of this size (any process count may resume it).
-                "global_batch": self.global_batch,
-                "data_order": DATA_ORDER,
-                "num_workers": self.num_workers,
-                "recipe": self.recipe.to_dict(),
-            }
-            rng = {"torch": torch.get_rng_state()}  # LoRA dropout; the data draws need no state (see _draw)
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            path = ckpt.save_checkpoint(
-                self.out / "checkpoints",
-                step,
-                trainable,
-                optimizer,
-                state,
-                rng,
-                export_lora=lambda p: ckpt.save_lora(
-                    p, model, pipeline_class(self.src), self.lora_config, self.lora_metadata(), state_dict=trainable
-                ),
-                keep_last=self.recipe.output.keep_last,
-            )
-            self._print(f"checkpoint saved: {path}")
-        acc.wait_for_everyone()
-
-    def _check_resume(self) -> None:
-        """Choose the checkpoint to resume and refuse, before anything is loaded, one this run cannot continue
-        exactly (one line each). Then set aside the checkpoints after it: they belong to the line of training this
-        resume replaces, and must neither be deleted by retention nor be what `latest` names."""
-        self._resume_path: Path | None = None
-        if not self.resume:
-            return
-        root = self.out / "checkpoints"
-        path, notes = ckpt.resolve_resume(self.resume, root)
-        for note in notes:
-            self._print(note)
-        self._resume_path = path
-        start = ckpt.read_state(path)["step"] if path is not None else 0
-        if path is not None:
-            self._check_state(path)
-        self.accelerator.wait_for_everyone()  # every process has chosen before anything moves
-        if self.is_main:
-            moved = ckpt.set_aside_after(root, start)
-            if moved:
-                self._print(
-                    f"resume: set aside {', '.join(p.name for p in moved)} (after step {start}, from the line of "
-                    f"training this resume replaces) in {moved[0].parent}"
-                )
-        self.accelerator.wait_for_everyone()
-
-    def _check_state(self, path: Path) -> None:
-        state = ckpt.read_state(path)
-        t = self.recipe.training
-        saved = state.get("global_batch")
-        if saved is None:  # written before the global-batch data order
-            old = state.get("recipe", {}).get("training", {})
-            saved = old.get("batch_size", 1) * state.get("world_size", 1) * old.get("gradient_accumulation", 1)
-        if saved != self.global_batch:
-            raise ckpt.CheckpointError(
-                f"--resume: {path} trained global batches of {saved} samples, this run's are {self.global_batch} "
-                f"(training.batch_size {t.batch_size} x {self.accelerator.num_processes} process(es) x "
-                f"training.gradient_accumulation {t.gradient_accumulation}); choose batch size and accumulation so "
-                f"that their product with the processes is {saved}"
-            )
-        if state.get("data_order") != DATA_ORDER:
-            self._print(
-                f"resume: {path} was written by an older version with another data order; training continues "
-                "from its weights, but not on the exact samples an uninterrupted run would have seen"
-            )
-        if state["step"] > t.max_steps:
-            raise ckpt.CheckpointError(
-                f"--resume: {path} is at step {state['step']}, past training.max_steps {t.max_steps}; "
-                "raise --steps to train further"
-            )
-
-    def _restore(self, path: Path) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        state, rng = ckpt.load_checkpoint(path, model, self.optimizer)
-        t = self.recipe.training
-        if "lr_scheduler" not in state or "torch" not in rng:
-            raise ckpt.CheckpointError(f"--resume: {path} is damaged (no learning-rate schedule or RNG state)")
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        before = state.get("recipe", {}).get("training", {}).get("max_steps", t.max_steps)
-        if before != t.max_steps:  # extended (or shortened) run: the schedule now runs to the new last step
-            sched = self.lr_scheduler  # LambdaLR: lr = base lr x lambda(step), the lambda made for the new total
-            lrs = [base * f(sched.last_epoch) for f, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
-            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr
-            self._print(
-                f"resume: training.max_steps {before} -> {t.max_steps}; the {t.lr_scheduler} lr schedule now ends "
-                f"at step {t.max_steps} (lr {lrs[0]:.3g} at step {state['step']})"
-            )
-        for k, cb in self.callbacks.items():
-            cb.load_state_dict(state.get("callbacks", {}).get(k, {}))
-        history = [tuple(v) for v in state.get("val_history", [])]
-        self.state = TrainState(step=state["step"], val_history=history)  # type: ignore[arg-type]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        if self.is_main and (self.out / "metrics.jsonl").exists():
-            # Drop what the interrupted run logged after this checkpoint: those steps are trained again.
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
-            ckpt.atomic_write_text(self.out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
-        moved = state.get("world_size", 1) != self.accelerator.num_processes
-        self._print(
-            f"resumed from {path} at step {self.state.step}"
-            + (
-                f" (written by {state.get('world_size')} processes, continuing on {self.accelerator.num_processes})"
-                if moved
-                else ""
-            )
-        )
+        return train_checkpoint.export_lora(self, path)
 
     # ------------------------------------------------------------------------------------- logging
     def _print(self, msg: str) -> None:
@@ -799,94 +601,8 @@ class Trainer:
             sys.stdout.flush()
 
     def _log(self, rec: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        step = rec["step"]
-        self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def _log_images(self, paths: list[Path], step: int) -> None:
-        import numpy as np
-        from PIL import Image
-
-        images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("samples", images, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
-
-
-def _lock_output(out: Path) -> Any:
-    """Hold an exclusive lock on OUTPUT/.lock for the life of the run: two runs never write one folder."""
-    import fcntl
-
-    fh = open(out / ".lock", "a+")  # noqa: SIM115 - kept open on purpose: the lock lives as long as the run
-    try:
-        # A POSIX record lock: released when this process dies, and not inherited by forked data workers.
-        fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        owner = fh.read().strip() or "another process"
-        fh.close()
-        raise ckpt.CheckpointError(
-            f"output.dir: {out} is in use by a running job (pid {owner}); wait for it or choose another --output"
-        ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    return fh
-
-
-def _write_recipe(path: Path, recipe: Recipe) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
-# Operating-system errors that mean "this machine cannot store the run" (not a bug): reported in one line.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-
-
-def storage_error(e: BaseException, out: Path) -> ckpt.CheckpointError | None:
-    """A failed read or write of the run's files as one line: the path, the reason, what is intact, what to do."""
-    if isinstance(e, ckpt.CheckpointError) and str(e).startswith("cannot write"):
-        text = str(e)
-        reasons = {os.strerror(n): n for n in STORAGE_ERRNOS}
-        code = next((n for r, n in reasons.items() if text.endswith(r)), None)
-    elif isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-        text, code = f"{e.filename or out}: {e.strerror}", e.errno
-    else:
-        return None
-    ckpts = ckpt.list_checkpoints(out / "checkpoints")
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        todo = "free some space and "
-    elif code is not None:
-        todo = "make the output folder writable (or choose another --output) and "
-    else:
-        todo = ""
-    if ckpts:
-        return ckpt.CheckpointError(
-            f"{text}; the last checkpoint, {ckpts[-1]}, is intact; {todo}continue with --resume latest"
-        )
-    return ckpt.CheckpointError(f"{text}; no checkpoint had been written yet; {todo}start again")
+        if self.is_main:
+            log_metrics(self.accelerator, self.out, rec)
 
 
 def train(recipe: Recipe, resume: str | None = None) -> Path | None:
