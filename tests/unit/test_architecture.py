@@ -18,7 +18,7 @@ LAYERS = {
     "foundation": ["errors", "resources", "config", "recipe"],
     "core": ["model", "flow", "quant", "memory", "swap", "sampling", "plots", "checkpoint", "distributed",
              "callbacks", "safety", "data"],
-    "runs": ["train", "optim", "run_files", "evaluate", "interop", "launch", "tune", "system"],
+    "runs": ["train", "optim", "run_files", "train_checkpoint", "evaluate", "interop", "launch", "tune", "system"],
     "app": ["ui"],
     "commands": ["commands", "cli", "__main__"],
 }  # fmt: skip
