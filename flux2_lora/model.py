@@ -142,7 +142,7 @@ def _snapshot_from_hub(repo_id: str, revision: str | None) -> Path:
 def safetensors_only(folder: Path) -> Path:
     """A component folder, after checking that its weights are safetensors: pickle-based weights (.bin, .pt, .ckpt)
     are refused, never loaded, because unpickling can run arbitrary code."""
-    from .interop.safety import LoraFileError, require_safetensors_folder
+    from .safety import LoraFileError, require_safetensors_folder
 
     try:
         require_safetensors_folder(folder, "model.name_or_path")

@@ -68,7 +68,7 @@ class LoraRef:
 def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
     """A LoRA from a `.safetensors` file or a checkpoint folder holding `lora.safetensors`."""
     from ..interop.layouts import scan_lora_file
-    from ..interop.safety import require_safetensors
+    from ..safety import require_safetensors
 
     path = Path(spec).expanduser()
     if not path.exists():

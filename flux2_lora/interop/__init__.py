@@ -1,6 +1,6 @@
 """LoRA files in the layouts other FLUX.2 tools use: read any, write ours in theirs, merge, start training from one.
 
-  safety.py    only safetensors: pickle-based files are refused unopened
+  (flux2_lora/safety.py: only safetensors; pickle-based files are refused unopened)
   layouts.py   the in-memory form, each layout's names, reading (any layout) and writing (diffusers, comfyui, kohya)
   fit.py       which model a LoRA fits, train --init-lora, lora inspect
   merge.py     export --merge
@@ -34,6 +34,7 @@ Writing (export, --merge) goes to a temporary file or folder beside the output, 
 complete: a failed write leaves nothing behind, and an existing output is replaced only with --overwrite.
 """
 
+from ..safety import PICKLE_SUFFIXES, LoraFileError, require_safetensors, require_safetensors_folder, resolve_lora_path
 from .fit import (
     TINY_TRANSFORMER,
     apply_init_lora,
@@ -76,7 +77,6 @@ from .layouts import (
     write_lora,
 )
 from .merge import MERGE_INFO, check_output_folder, merge_lora
-from .safety import PICKLE_SUFFIXES, LoraFileError, require_safetensors, require_safetensors_folder, resolve_lora_path
 
 __all__ = [
     "ADAPTER_METADATA_KEY",

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import METADATA_PREFIX
+from ..safety import LoraFileError
 from .layouts import ADAPTER_METADATA_KEY, LoraFile, LoraModule, describe_targets, load_lora, most_common
-from .safety import LoraFileError
 
 # ---------------------------------------------------------------------------------------------
 # Which model a LoRA fits

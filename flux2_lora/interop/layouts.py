@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import METADATA_PREFIX, os_reason
 from ..errors import UsageError
-from .safety import LoraFileError, resolve_lora_path
+from ..safety import LoraFileError, resolve_lora_path
 
 FORMATS = ("diffusers", "peft", "comfyui", "ai-toolkit", "kohya")
 EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")

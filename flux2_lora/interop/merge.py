@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import os_reason
+from ..safety import LoraFileError, require_safetensors_folder
 from .fit import check_family, check_fits, model_config
 from .layouts import _missing_folders, adapter_config, convert_tensors, load_lora, require_plain
-from .safety import LoraFileError, require_safetensors_folder
 
 MERGE_INFO = "merged_lora.json"
 

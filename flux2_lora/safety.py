@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LoraFileError
-from ..resources import LORA_FILE
+from .errors import LoraFileError
+from .resources import LORA_FILE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
