@@ -9,7 +9,7 @@ mistake reads the same wherever it is made.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,35 @@ def expand_argv(argv: list[str], own: Collection[str] = ()) -> list[str]:
             out.append(arg)
         i += 1
     return front + out
+
+
+def split_flags(argv: list[str], nargs: Mapping[str, int | str | None]) -> tuple[list[str], list[str]]:
+    """(a command's own flags, the recipe flags) of argv, for commands that pass recipe flags on (tune, data cache).
+
+    `nargs`: each own flag with how many values it takes, as argparse says it (0: none, None: one, "?": one if
+    given, "+"/"*": those up to the next flag). `-h`/`--help` are always the command's own."""
+    ours: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        key, eq, _ = argv[i].partition("=")
+        if key not in nargs and key not in ("-h", "--help"):
+            rest.append(argv[i])
+            i += 1
+            continue
+        ours.append(argv[i])
+        i += 1
+        n = nargs.get(key, 0)
+        if eq or n == 0:
+            continue
+        if n is None and (i >= len(argv) or argv[i].startswith("--")):
+            raise UsageError(f"{key}: needs a value")
+        while i < len(argv) and not argv[i].startswith("--"):
+            ours.append(argv[i])
+            i += 1
+            if n in (None, "?"):
+                break
+    return ours, rest
 
 
 def read_yaml(path: Path, field: str) -> Any:

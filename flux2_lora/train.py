@@ -83,7 +83,6 @@ from .optim import make_lr_scheduler, make_optimizer, skips_on_device
 from .plots import loss_plot, progress_sheet
 from .quant import check_quantize
 from .run_files import init_trackers, lock_output, log_images, log_metrics, prepare_output, storage_error
-from .run_files import write_recipe as _write_recipe  # noqa: F401 - flux2_lora.tune imports it from here
 from .sampling import render_samples
 from .swap import BlockSwapper, attach_block_swap
 from .train_checkpoint import TrainState

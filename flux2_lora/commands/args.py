@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, NewType, Union
 
 from ..config import Recipe
 from ..errors import UsageError
-from ..recipe import add_recipe_arguments, expand_argv, new_parser, parse_args, recipe_from
+from ..recipe import add_recipe_arguments, expand_argv, new_parser, parse_args, recipe_from, split_flags
 
 SWITCH = "switch"
 NO_DATA = "dataset optional"
@@ -41,10 +41,14 @@ def doc_parts(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
     doc = inspect.cleandoc(fn.__doc__ or "")
     head, _, args = doc.partition("\nArgs:\n")
     description = " ".join(head.split("\n\n", 1)[0].split())
-    if "{presets}" in description:  # the one description that lists what is installed
+    if "{presets}" in description:  # descriptions that list what is installed: the presets, the example manifests
         from ..recipe import presets
 
         description = description.replace("{presets}", ", ".join(presets()))
+    if "{examples}" in description:
+        from ..launch import example_manifests
+
+        description = description.replace("{examples}", ", ".join(example_manifests()))
     helps: dict[str, str] = {}
     name = None
     for line in args.splitlines():
@@ -194,32 +198,7 @@ class Spec:
 
     def split(self, argv: list[str]) -> tuple[list[str], list[str]]:
         """(this command's own flags, the recipe flags) of argv: a flag this parser knows takes its values along."""
-        known = {a.dest: a for a in self.parser._actions}
-        by_flag = {s: a for a in known.values() for s in a.option_strings}
-        ours: list[str] = []
-        rest: list[str] = []
-        i = 0
-        while i < len(argv):
-            key, eq, _ = argv[i].partition("=")
-            action = by_flag.get(key)
-            if action is None:
-                rest.append(argv[i])
-                i += 1
-                continue
-            ours.append(argv[i])
-            i += 1
-            if eq or action.nargs == 0:
-                continue
-            if action.nargs == "?":
-                if i < len(argv) and not argv[i].startswith("--"):
-                    ours.append(argv[i])
-                    i += 1
-                continue
-            if i >= len(argv):
-                raise UsageError(f"{key}: needs a value")
-            ours.append(argv[i])
-            i += 1
-        return ours, rest
+        return split_flags(argv, {s: a.nargs for a in self.parser._actions for s in a.option_strings})
 
 
 def run(fn: Callable[..., Any], prog: str, argv: list[str]) -> int:

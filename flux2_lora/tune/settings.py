@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..recipe import split_flags
 from .space import Param
 
 
@@ -58,25 +59,7 @@ def tune_flags() -> dict[str, bool]:
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(tune flags, train flags): tune's own flags are taken out, every other flag sets the recipe."""
-    own = tune_flags()
-    ours: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        key, eq, _ = argv[i].partition("=")
-        if key in ("-h", "--help"):
-            ours.append(key)
-        elif key in own:
-            ours.append(argv[i])
-            if own[key] and not eq:
-                if i + 1 >= len(argv):
-                    raise UsageError(f"{key}: needs a value")
-                ours.append(argv[i + 1])
-                i += 1
-        else:
-            rest.append(argv[i])
-        i += 1
-    return ours, rest
+    return split_flags(argv, {flag: None if takes_value else 0 for flag, takes_value in tune_flags().items()})
 
 
 def sweep_settings(o: TuneOptions, recipe_argv: list[str], params: list[Param]) -> Sweep:

@@ -141,3 +141,12 @@ def test_no_command_function_reads_argv_itself() -> None:
         fn = target(name)
         assert "argv" not in inspect.signature(fn).parameters, name
         assert "sys.argv" not in inspect.getsource(fn), name
+
+
+def test_the_web_app_splits_a_tune_command_line_as_the_cli_does() -> None:
+    """The Tune tab passes extra flags through tune.split_argv; it must know tune's flags exactly as the command."""
+    from flux2_lora.tune import tune_flags
+
+    spec = Spec(target("tune"), "flux2-lora tune")
+    own = {s: a.nargs for a in spec.parser._actions for s in a.option_strings if s not in ("-h", "--help")}
+    assert {flag: n != 0 for flag, n in own.items()} == tune_flags()
