@@ -3,7 +3,8 @@
 The rules, so that a new command needs nothing but a typed function with a docstring:
 
 - The docstring's first paragraph is the description; its `Args:` section (`name: text`, continued on indented
-  lines) gives each flag's help.
+  lines) gives each flag's help. Flags several commands of one module share are documented once, in that
+  module's `FLAG_HELP` dict.
 - Positional-only parameters (before `/`) are positional arguments; the others are `--flag-with-dashes` options
   whose value lands in the parameter of the same name. No default: required.
 - `bool` is a yes/no flag given bare or with a value (`--merge`, `--merge false`); `Switch` is one given bare only
@@ -82,7 +83,9 @@ class Spec:
 
     def __init__(self, fn: Callable[..., Any], prog: str):
         self.fn, self.prog = fn, prog
-        self.description, self.helps = doc_parts(fn)
+        self.description, own_help = doc_parts(fn)
+        # Flags shared by several commands of a module are documented once there, in its FLAG_HELP.
+        self.helps = {**getattr(inspect.getmodule(fn), "FLAG_HELP", {}), **own_help}
         self.hints = typing.get_type_hints(fn, include_extras=True)
         self.params = list(inspect.signature(fn).parameters.values())
         self.recipe: inspect.Parameter | None = None

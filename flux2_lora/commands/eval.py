@@ -20,6 +20,23 @@ from ..evaluate.metrics import DEFAULT_WEIGHTS, OVERFIT_THRESHOLD
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 
+# The generation and CLIP flags' help, the same in every eval command (commands/args.py reads FLAG_HELP).
+FLAG_HELP = {
+    "model": "Base model (default: the LoRA's flux2_lora.base_model).",
+    "seeds": "Seeds: one column of fixed noise each.",
+    "size": "Image side in pixels (default: the run's sample size).",
+    "steps": "Denoising steps per image.",
+    "guidance": "Guidance scale.",
+    "max_sequence_length": "Prompt tokens (default: the run's).",
+    "device": "cuda or cpu (default: cuda when available).",
+    "dtype": "Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).",
+    "output": "Output folder (default: RUN/eval/CMD or eval/CMD).",
+    "clip_model": "open_clip architecture (e.g. ViT-B-32, ViT-L-14) or an open_clip model config .json.",
+    "clip_weights": "open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.",
+    "clip_pretrained": "open_clip tag to look up in the hub cache.",
+    "overfit_threshold": "Similarity to the nearest training image at or above which a generation counts as a copy.",
+}
+
 
 def _done(paths: list[Path]) -> None:
     for p in paths:
@@ -51,15 +68,6 @@ def compare(
         run: Also take every checkpoint of this training run.
         prompt: Prompts (default: the run's sample prompts).
         include_base: Add a row for the base model without a LoRA.
-        model: Base model (default: the LoRA's flux2_lora.base_model).
-        seeds: Seeds: one column of fixed noise each.
-        size: Image side in pixels (default: the run's sample size).
-        steps: Denoising steps per image.
-        guidance: Guidance scale.
-        max_sequence_length: Prompt tokens (default: the run's).
-        device: cuda or cpu (default: cuda when available).
-        dtype: Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).
-        output: Output folder (default: RUN/eval/CMD or eval/CMD).
     """
     from ..evaluate import runs
 
@@ -98,19 +106,6 @@ def assess_quality(
         run: Also take every checkpoint of this training run.
         training_data: Training images (folder or shards; default: the run's dataset).
         prompt: Prompts (default: the run's sample prompts, else training captions).
-        model: Base model (default: the LoRA's flux2_lora.base_model).
-        seeds: Seeds: one column of fixed noise each.
-        size: Image side in pixels (default: the run's sample size).
-        steps: Denoising steps per image.
-        guidance: Guidance scale.
-        max_sequence_length: Prompt tokens (default: the run's).
-        device: cuda or cpu (default: cuda when available).
-        dtype: Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).
-        output: Output folder (default: RUN/eval/CMD or eval/CMD).
-        clip_model: open_clip architecture (e.g. ViT-B-32, ViT-L-14) or an open_clip model config .json.
-        clip_weights: open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.
-        clip_pretrained: open_clip tag to look up in the hub cache.
-        overfit_threshold: Similarity to the nearest training image at or above which a generation counts as a copy.
     """
     from ..evaluate import runs
     from ..evaluate.report import table
@@ -164,19 +159,6 @@ def test_prompts(
         no_builtin: Run only the --suite prompts.
         leakage_threshold: A trigger-less prompt whose image is less similar than this to the base model's is
             flagged.
-        model: Base model (default: the LoRA's flux2_lora.base_model).
-        seeds: Seeds: one column of fixed noise each.
-        size: Image side in pixels (default: the run's sample size).
-        steps: Denoising steps per image.
-        guidance: Guidance scale.
-        max_sequence_length: Prompt tokens (default: the run's).
-        device: cuda or cpu (default: cuda when available).
-        dtype: Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).
-        output: Output folder (default: RUN/eval/CMD or eval/CMD).
-        clip_model: open_clip architecture (e.g. ViT-B-32, ViT-L-14) or an open_clip model config .json.
-        clip_weights: open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.
-        clip_pretrained: open_clip tag to look up in the hub cache.
-        overfit_threshold: Similarity to the nearest training image at or above which a generation counts as a copy.
     """
     from ..evaluate import runs
     from ..evaluate.generate import resolve_lora
@@ -230,19 +212,6 @@ def select_best(
         weight_clip: Weight of the clip term (0 skips it).
         weight_diversity: Weight of the diversity term (0 skips it).
         weight_overfit: Weight of the overfit term (0 skips it).
-        model: Base model (default: the LoRA's flux2_lora.base_model).
-        seeds: Seeds: one column of fixed noise each.
-        size: Image side in pixels (default: the run's sample size).
-        steps: Denoising steps per image.
-        guidance: Guidance scale.
-        max_sequence_length: Prompt tokens (default: the run's).
-        device: cuda or cpu (default: cuda when available).
-        dtype: Transformer dtype (default: bf16 on a GPU, fp32 on the CPU).
-        output: Output folder (default: RUN/eval/CMD or eval/CMD).
-        clip_model: open_clip architecture (e.g. ViT-B-32, ViT-L-14) or an open_clip model config .json.
-        clip_weights: open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.
-        clip_pretrained: open_clip tag to look up in the hub cache.
-        overfit_threshold: Similarity to the nearest training image at or above which a generation counts as a copy.
     """
     from ..evaluate import runs
     from ..evaluate.report import table

@@ -22,11 +22,11 @@ def target(name: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_is_a_function_whose_docstring_documents_each_flag(name: str) -> None:
     fn = target(name)
-    description, helps = doc_parts(fn)
+    description, _ = doc_parts(fn)
     assert description, f"{name}: no description"
     spec = Spec(fn, f"flux2-lora {name}")
     plain = [p.name for p in spec.params if p is not spec.recipe and p is not spec.recipe_args]
-    assert [p for p in plain if not helps.get(p)] == [], f"{name}: flags without help"
+    assert [p for p in plain if not spec.helps.get(p)] == [], f"{name}: flags without help"
     assert (COMMANDS[name].shown or name) in USAGE
 
 
