@@ -25,6 +25,9 @@ FAMILY_TEXT_LAYERS: dict[str, tuple[int, ...]] = {"dev": (10, 20, 30), "klein": 
 # its pipelines encode prompts of 512 tokens by default, and no FLUX.2 text encoder was trained on prompts beyond a few
 # thousand tokens (each token also joins every transformer block's attention).
 MAX_RESOLUTION = 2048
+# FLUX.2 takes up to 10 reference images beside the prompt (Flux2Pipeline(image=[...])).
+MAX_REFERENCES = 10
+BUILTIN_DATASETS = ("builtin:sample", "builtin:edit")
 MAX_SEQUENCE_LENGTH = 4096
 MAX_SEED = 2**32 - 1  # numpy's limit (accelerate.set_seed seeds numpy too)
 
@@ -160,6 +163,15 @@ class DataArgs:
     """Also cache a horizontally flipped copy of each image and pick one per sample, seeded."""
     holdout: int = 1
     """Images held out from training for the fixed-seed validation loss (0: use training images)."""
+    max_references: int = 10
+    """Editing datasets (items with reference images): at most this many references per sample; an item with more
+    trains on a seeded choice of them each pass (order kept). FLUX.2 takes up to 10."""
+    reference_dropout: float = 0.0
+    """Editing datasets: probability of training a sample without its references (seeded per sample), so the LoRA
+    keeps working for text-to-image."""
+    max_reference_pixels: int = 1024 * 1024
+    """Editing datasets: a reference larger than this many pixels is scaled down to it, as Flux2Pipeline does with
+    `image=` inputs (its default, 1024x1024); then its sides are floored to multiples of 16."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes reading cached shards. `auto`: none when training on the CPU (the step needs
     every core and a cached read is cheap), else up to 4 per GPU process. It does not change the data order."""
@@ -442,7 +454,9 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     if need_data and d.dataset is not None and not pattern:
         if d.dataset.startswith("builtin:"):
             _require(
-                d.dataset == "builtin:sample", "data.dataset", f"unknown builtin {d.dataset!r} (use builtin:sample)"
+                d.dataset in BUILTIN_DATASETS,
+                "data.dataset",
+                f"unknown builtin {d.dataset!r} (use {' or '.join(BUILTIN_DATASETS)})",
             )
         else:
             path = user_path(d.dataset, "data.dataset")
@@ -469,6 +483,19 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         "must list aspect ratios between 0.1 and 10",
     )
     _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
+    _require(
+        1 <= d.max_references <= MAX_REFERENCES,
+        "data.max_references",
+        f"must be 1..{MAX_REFERENCES} (FLUX.2 takes up to {MAX_REFERENCES} reference images), got {d.max_references}",
+    )
+    _require(
+        0.0 <= d.reference_dropout <= 1.0, "data.reference_dropout", f"must be in [0, 1], got {d.reference_dropout}"
+    )
+    _require(
+        d.max_reference_pixels >= 64 * 64,
+        "data.max_reference_pixels",
+        f"must be at least 4096 (64x64, the pipeline's smallest image), got {d.max_reference_pixels}",
+    )
     _require(
         d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", f"must be auto or >= 0, got {d.num_workers}"
     )

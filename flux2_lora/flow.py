@@ -7,6 +7,11 @@ Prompts and latents are encoded exactly as diffusers' Flux2Pipeline / Flux2Klein
   image   -> VAE latent_dist.mode() -> 2x2 patchify -> batch-norm normalise -> pack (B, H*W, C)
   ids     -> text (0, 0, 0, l), image (0, h, w, 0)
   noise   -> x_t = (1 - sigma) * x0 + sigma * eps,  target = eps - x0,  transformer timestep = sigma
+
+Editing (reference images, `Flux2Pipeline(image=[...])`): each reference is scaled down to the pixel limit if larger,
+its sides floored to multiples of 16 and center-cropped (`reference_pixels`), encoded like an image, packed, and its
+tokens concatenated after the noisy target tokens, without noise, with ids (10 + 10 i, h, w, 0) for reference i
+(`reference_ids`). The prediction is cut back to the target tokens; the loss is taken on those only.
 """
 
 from __future__ import annotations
@@ -100,6 +105,50 @@ def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> tor
     return ids.unsqueeze(0).expand(batch, -1, -1).to(device)
 
 
+# The pipeline's default pixel limit for a reference image (Flux2Pipeline scales larger `image=` inputs down to it).
+REFERENCE_PIXELS = 1024 * 1024
+_MULTIPLE = 16  # VAE downsampling x patch: reference sides are floored to it, as the pipeline does
+
+
+def reference_pixels(image: Any, max_pixels: int = REFERENCE_PIXELS) -> torch.Tensor:
+    """A reference image (PIL) as the FLUX.2 pipelines prepare an `image=` input: (1, 3, H, W) in [-1, 1].
+
+    Larger than max_pixels: scaled to that area (the pipeline's `_resize_to_target_area`); then the sides are
+    floored to multiples of 16 and the image is center-crop resized to them (`preprocess(resize_mode="crop")`)."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    if image.width * image.height > max_pixels:
+        image = Flux2ImageProcessor._resize_to_target_area(image, max_pixels)
+    width, height = reference_size(image.width, image.height, max_pixels)
+    processor = Flux2ImageProcessor(vae_scale_factor=_MULTIPLE)
+    return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+
+def reference_size(width: int, height: int, max_pixels: int = REFERENCE_PIXELS) -> tuple[int, int]:
+    """The pixel size (width, height) a reference of this size is encoded at (see reference_pixels)."""
+    import math
+
+    if width * height > max_pixels:  # the pipeline's _resize_to_target_area
+        scale = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return width // _MULTIPLE * _MULTIPLE, height // _MULTIPLE * _MULTIPLE
+
+
+def reference_ids(shapes: list[tuple[int, int]], batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Position ids (10 + 10 i, h, w, 0) of the references' tokens, from the pipeline's own `_prepare_image_ids`.
+
+    shapes: each reference's latent grid (H, W), in order. Returns (B, sum of H*W, 4)."""
+    from diffusers import Flux2Pipeline
+
+    grids = [torch.empty(1, 1, h, w) for h, w in shapes]
+    return Flux2Pipeline._prepare_image_ids(grids).expand(batch, -1, -1).to(device)
+
+
+def pack_references(references: list[torch.Tensor]) -> torch.Tensor:
+    """References' latents [(B, C, H_i, W_i), ...] -> their tokens one after another, (B, sum H_i*W_i, C)."""
+    return torch.cat([pack(r) for r in references], dim=1)
+
+
 def sample_sigmas(
     batch: int,
     scheme: str,
@@ -154,25 +203,31 @@ def flow_loss(
     guidance: torch.Tensor | None,
     weighting: str = "none",
     reduce: bool = True,
+    references: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss for one batch.
 
     latents: (B, C, H, W) normalised patchified latents, all of one size; noise like latents;
-    sigmas: (B,). Returns the mean weighted MSE between the prediction and noise - latents
-    (or per-sample losses when reduce=False).
+    sigmas: (B,). references: packed reference tokens (B, N, C) (`pack_references`) or None; img_ids then covers
+    the target's tokens followed by the references' (`latent_ids` then `reference_ids`). Returns the mean weighted
+    MSE between the prediction on the target tokens and noise - latents (or per-sample losses when reduce=False).
     """
     noisy = add_noise(latents, noise, sigmas)
     target = noise - latents
     model_dtype = frozen_dtype(transformer)
+    hidden = pack(noisy)
+    tokens = hidden.shape[1]
+    if references is not None:  # clean reference tokens after the noisy target's, as the pipeline's denoising loop
+        hidden = torch.cat([hidden, references.to(hidden.dtype)], dim=1)
     pred = transformer(
-        hidden_states=pack(noisy).to(model_dtype),
+        hidden_states=hidden.to(model_dtype),
         encoder_hidden_states=prompt_embeds.to(model_dtype),
         timestep=sigmas.to(model_dtype),
         img_ids=img_ids,
         txt_ids=txt_ids,
         guidance=guidance,
         return_dict=False,
-    )[0]
+    )[0][:, :tokens]
     per_sample = F.mse_loss(pred.float(), pack(target).float(), reduction="none").mean(dim=(1, 2))
     per_sample = per_sample * loss_weights(sigmas, weighting).to(per_sample.device)
     return per_sample.mean() if reduce else per_sample

@@ -66,7 +66,7 @@ from .distributed import (
     whole,
 )
 from .evaluate.callback import TrainingQuality
-from .flow import flow_loss, latent_ids, sample_sigmas, text_ids
+from .flow import flow_loss, latent_ids, pack_references, reference_ids, sample_sigmas, text_ids
 from .model import (
     DTYPES,
     ModelError,
@@ -88,6 +88,7 @@ from .swap import BlockSwapper, attach_block_swap
 from .train_checkpoint import TrainState
 
 log = logging.getLogger("flux2_lora")
+Refs = tuple[torch.Tensor, ...]  # one sample's reference latents (C, H_i, W_i), in order
 
 
 def sample_seed(seed: int, data_pass: int, key: str) -> int:
@@ -251,7 +252,7 @@ class Trainer:
         }
         self.vote = StopVote(acc, self.device)
         self.interrupted = False  # stopped by a signal: checkpointed, to be resumed
-        self._ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ids: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if self._resume_path is not None:
             self.signals.stage = "resuming from a checkpoint"
             train_checkpoint.restore(self, self._resume_path)
@@ -363,23 +364,10 @@ class Trainer:
         while self.state.step < t.max_steps and not stop_reason:
             batch = next(batches)
             epoch_trained += batch["trained"]
-            latents, embeds, sigmas, noise = self._draw(batch)
-            n = len(latents)
-            img_ids, txt_ids = self._position_ids(latents, embeds)
+            latents, embeds, sigmas, noise, refs = self._draw(batch)
             with acc.accumulate(self.model):
                 # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
-                per_sample = flow_loss(
-                    self.model,
-                    latents.to(self.device, non_blocking=True),
-                    embeds.to(self.device, non_blocking=True),
-                    sigmas.to(self.device, non_blocking=True),
-                    noise.to(self.device, non_blocking=True),
-                    img_ids,
-                    txt_ids,
-                    self.guidance.expand(n) if self.guidance is not None else None,
-                    t.loss_weighting,
-                    reduce=False,
-                )
+                per_sample = self._flow_loss(self.model, latents, embeds, sigmas, noise, refs)
                 # Weighted so that the gradient, averaged over processes, is the global batch's mean (stream.py);
                 # a zero weight (an empty slot of a short global batch) adds nothing.
                 loss = (per_sample * batch["weights"].to(self.device, non_blocking=True)).sum()
@@ -499,20 +487,24 @@ class Trainer:
         self._nan_stop = self._nan_stop or bool(reason)
         return reason
 
-    def _draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents, prompt embeddings, sigmas, noise) of one batch, with its flips and caption dropout.
+    def _draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Refs]]:
+        """(latents, prompt embeddings, sigmas, noise, references) of one batch, with its flips, caption dropout and
+        (for an editing dataset) each sample's references after reference dropout and data.max_references.
 
         Every random draw of a sample comes from a generator seeded by (seed, data pass, sample key): a sample
         gets the same noise, sigma, flip and dropout whichever process or batch it lands in, so a run gives the
         same LoRA on any number of processes for the same global batches, and a resume needs no RNG state.
+        The reference draws use a generator of their own, so a dataset without references draws as before.
         """
         d, t = self.recipe.data, self.recipe.training
         latents, embeds = batch["latents"], batch["prompt_embeds"]
-        sigmas, noises = [], []
+        all_refs: list[torch.Tensor] = batch.get("references", [])
+        sigmas, noises, refs = [], [], []
         for j, (key, data_pass) in enumerate(zip(batch["keys"], batch["passes"], strict=True)):
             # (a batch tensor is copied only when one of its samples changes)
             g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
-            if d.random_flip and bool(torch.rand((), generator=g) < 0.5):
+            flip = d.random_flip and bool(torch.rand((), generator=g) < 0.5)
+            if flip:
                 latents = latents.clone() if latents is batch["latents"] else latents
                 latents[j] = batch["latents_flip"][j]
             if d.caption_dropout > 0 and bool(torch.rand((), generator=g) < d.caption_dropout):
@@ -520,19 +512,87 @@ class Trainer:
                 embeds[j] = self.empty_embeds
             sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
             noises.append(torch.randn(latents.shape[1:], generator=g))
+            if all_refs:
+                source = batch["references_flip"] if flip else all_refs
+                chosen = self._choose_references(len(all_refs), sample_seed(t.seed, data_pass, key + "#references"))
+                refs.append(tuple(source[n][j] for n in chosen))
+            else:
+                refs.append(())
         sigma, noise = torch.cat(sigmas), torch.stack(noises)
         if self.pin:  # pinned host memory keeps the copies to the device asynchronous
             latents = latents if latents is batch["latents"] else latents.pin_memory()
             embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
             sigma, noise = sigma.pin_memory(), noise.pin_memory()
-        return latents, embeds, sigma, noise
+        return latents, embeds, sigma, noise, refs
 
-    def _position_ids(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image and text ids, built once per (batch, grid) shape and kept on the device."""
+    def _choose_references(self, count: int, seed: int) -> tuple[int, ...]:
+        """Which of a sample's `count` references it trains with: none with probability data.reference_dropout,
+        else all of them, or a seeded choice of data.max_references of them in their order."""
+        d = self.recipe.data
+        g = torch.Generator().manual_seed(seed)
+        if d.reference_dropout > 0 and bool(torch.rand((), generator=g) < d.reference_dropout):
+            return ()
+        if count <= d.max_references:
+            return tuple(range(count))
+        return tuple(sorted(torch.randperm(count, generator=g)[: d.max_references].tolist()))
+
+    def _flow_loss(
+        self,
+        model: Any,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: torch.Tensor,
+        refs: list[Refs],
+    ) -> torch.Tensor:
+        """Per-sample flow-matching losses (B,) of a micro-batch.
+
+        Samples whose references differ in number or size (after reference dropout and max_references) go through
+        the transformer in separate forwards, one per reference layout: each sample's loss is the one it has alone."""
+        layouts: dict[tuple[tuple[int, int], ...], list[int]] = {}
+        for j, r in enumerate(refs):
+            layouts.setdefault(tuple((int(x.shape[-2]), int(x.shape[-1])) for x in r), []).append(j)
+        parts, order = [], []
+        for shapes, js in layouts.items():
+            pick = slice(None) if len(js) == len(refs) else torch.tensor(js)
+            lat, emb = latents[pick], embeds[pick]
+            packed = (
+                pack_references([torch.stack([refs[j][n] for j in js]) for n in range(len(shapes))]) if shapes else None
+            )
+            img_ids, txt_ids = self._position_ids(lat, emb, shapes)
+            parts.append(
+                flow_loss(
+                    model,
+                    lat.to(self.device, non_blocking=True),
+                    emb.to(self.device, non_blocking=True),
+                    sigmas[pick].to(self.device, non_blocking=True),
+                    noise[pick].to(self.device, non_blocking=True),
+                    img_ids,
+                    txt_ids,
+                    self.guidance.expand(len(js)) if self.guidance is not None else None,
+                    self.recipe.training.loss_weighting,
+                    reduce=False,
+                    references=packed.to(self.device, non_blocking=True) if packed is not None else None,
+                )
+            )
+            order += js
+        per_sample = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if len(parts) > 1:  # back to the batch's order
+            per_sample = per_sample[torch.argsort(torch.tensor(order)).to(per_sample.device)]
+        return per_sample
+
+    def _position_ids(
+        self, latents: torch.Tensor, embeds: torch.Tensor, references: tuple[tuple[int, int], ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ids (the target's grid, then each reference's at time 10, 20, ...) and text ids, built once per
+        (batch, grid, reference grids) and kept on the device."""
         b, _, h, w = latents.shape
-        key = (b, h, w)
+        key = (b, h, w, references)
         if key not in self._ids:
-            self._ids[key] = (latent_ids(b, h, w, self.device), text_ids(b, embeds.shape[1], self.device))
+            img = latent_ids(b, h, w, self.device)
+            if references:
+                img = torch.cat([img, reference_ids(list(references), b, self.device)], dim=1)
+            self._ids[key] = (img, text_ids(b, embeds.shape[1], self.device))
         return self._ids[key]
 
     # ---------------------------------------------------------------------------------- validation
@@ -549,20 +609,11 @@ class Trainer:
             x0 = item["latents"].unsqueeze(0)
             noise = torch.randn(x0.shape, generator=g)
             embeds = item["prompt_embeds"].unsqueeze(0)
-            img_ids, txt_ids = self._position_ids(x0, embeds)
+            # An editing sample is scored with its references (the first data.max_references of them).
+            count = min(len(item.get("references", [])), self.recipe.data.max_references)
+            refs: list[Refs] = [tuple(item[f"ref.{k}"] for k in range(count))]
             for s in v.sigmas:
-                sig = torch.tensor([s])
-                loss = flow_loss(
-                    model,
-                    x0.to(self.device),
-                    embeds.to(self.device),
-                    sig.to(self.device),
-                    noise.to(self.device),
-                    img_ids,
-                    txt_ids,
-                    self.guidance,
-                    self.recipe.training.loss_weighting,
-                )
+                loss = self._flow_loss(model, x0, embeds, torch.tensor([s]), noise, refs).mean()
                 total += float(loss)
                 n += 1
         model.train(was_training)

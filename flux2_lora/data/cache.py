@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
 
-from ..flow import encode_images, encode_prompts
+from ..flow import encode_images, encode_prompts, reference_pixels
 from ..memory import TEXT_BATCH, GiB, text_encoder_bytes
 from ..model import ModelError, ModelSource, free, load_text_encoder, load_vae
 from ..quant import check_quantize
@@ -113,6 +113,7 @@ def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
         holdout=d.holdout,
         seed=recipe.training.seed,
         text_encoder_quantize=getattr(recipe.model, "text_encoder_quantize", "none"),
+        max_reference_pixels=d.max_reference_pixels,
     )
 
 
@@ -130,8 +131,14 @@ def dataset_source(spec: str, instance_prompt: str | None) -> tuple[Callable[[],
         return (lambda: iter_raw_samples(spec, instance_prompt)), json.dumps([spec, stats])
     root = resolve_dataset(spec)
     items = scan_folder(root, instance_prompt)
-    ident = json.dumps([[str(i.image), i.image.stat().st_size, i.image.stat().st_mtime_ns, i.caption] for i in items])
+    ident = json.dumps([[*_stat(i.image), i.caption, *map(_stat, i.references)] for i in items])
     return (lambda: iter_folder_samples(items, root)), ident
+
+
+def _stat(path: Path) -> list[Any]:
+    """A file's identity for the cache key: path, size and modification time (a changed reference too)."""
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def gpu_free_bytes(device: torch.device) -> int:
@@ -262,15 +269,27 @@ def build_cache(
         }
         if settings.random_flip:
             tensors["latents_flip"] = encode_images(vae, pixels.flip(-1))[0].to("cpu").contiguous()
-        meta = {"bucket": list(bucket), "caption": captions[s.key]}
-        writers["val" if s.key in holdout else "train"].write(s.key, tensors, meta, bucket)
+        meta: dict[str, Any] = {"bucket": list(bucket), "caption": captions[s.key]}
+        sizes_of_refs = []
+        for n, ((data, _), name) in enumerate(zip(s.references, _names(s), strict=True)):
+            # Encoded as the pipeline encodes an `image=` input; flipped with the target when it is flipped.
+            ref = reference_pixels(open_image(data, name=name), settings.max_reference_pixels)
+            tensors[f"ref.{n}"] = encode_images(vae, ref)[0].to("cpu").contiguous()
+            if settings.random_flip:
+                tensors[f"ref_flip.{n}"] = encode_images(vae, ref.flip(-1))[0].to("cpu").contiguous()
+            sizes_of_refs.append((ref.shape[-1], ref.shape[-2]))
+        if s.references:
+            meta["references"] = [list(r) for r in sizes_of_refs]
+        writers["val" if s.key in holdout else "train"].write(s.key, tensors, meta, bucket, tuple(sizes_of_refs))
     free(vae)
     del vae
-    shards = {k: w.close() for k, w in writers.items()}
+    editing = any(any(w.refs) for w in writers.values())  # rows carry reference sizes only in an editing cache
+    shards = {k: w.close(editing) for k, w in writers.items()}
     if not shards["val"]:  # no holdout: validate on (up to 4 of) the training samples
         first = shards["train"][0]
         _copy_first(tmp / first.url, tmp / "val-000000.tar", 4)
-        shards["val"] = [ShardInfo("val-000000.tar", first.samples[:4])]
+        refs = first.references[:4] if first.references is not None else None
+        shards["val"] = [ShardInfo("val-000000.tar", first.samples[:4], None, refs)]
     shutil.rmtree(tmp / "embeds")
     index_json = {
         "version": CACHE_VERSION,
@@ -322,9 +341,18 @@ def prompt_embeddings(
 
 
 def _index_entry(root: Path, info: ShardInfo) -> dict[str, Any]:
-    """A shard's entry in index.json: each sample as [key, bucket w, bucket h, data offset, size]."""
+    """A shard's entry in index.json: each sample as [key, bucket w, bucket h, data offset, size], and in an editing
+    cache (any sample with references) also its reference sizes [[w, h], ...]."""
     offsets = member_offsets(root / info.url, info.samples)
-    return {"url": info.url, "samples": [[*x, *o] for x, o in zip(info.samples, offsets, strict=True)]}
+    rows = [[*x, *o] for x, o in zip(info.samples, offsets, strict=True)]
+    if info.references is not None:
+        rows = [[*row, [list(r) for r in refs]] for row, refs in zip(rows, info.references, strict=True)]
+    return {"url": info.url, "samples": rows}
+
+
+def _names(s: RawSample) -> tuple[str, ...]:
+    """Where each reference of a sample came from (for messages)."""
+    return s.reference_names or tuple(f"{s.key} reference {n}" for n in range(len(s.references)))
 
 
 def _h(text: str) -> str:
@@ -348,8 +376,16 @@ class _ShardWriter:
         self.root, self.prefix, self.size = root, prefix, size
         self.infos: list[ShardInfo] = []
         self.writer: Any = None
+        self.refs: list[tuple[tuple[int, int], ...]] = []  # every sample's reference sizes, in write order
 
-    def write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], bucket: tuple[int, int]) -> None:
+    def write(
+        self,
+        key: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        bucket: tuple[int, int],
+        references: tuple[tuple[int, int], ...] = (),
+    ) -> None:
         import webdataset as wds
 
         if self.writer is None or len(self.infos[-1].samples) >= self.size:
@@ -360,8 +396,15 @@ class _ShardWriter:
             self.writer = wds.TarWriter(str(self.root / name))
         self.writer.write({"__key__": key, "safetensors": save(tensors), "json": json.dumps(meta).encode()})
         self.infos[-1].samples.append((key, bucket[0], bucket[1]))
+        self.refs.append(references)
 
-    def close(self) -> list[ShardInfo]:
+    def close(self, editing: bool) -> list[ShardInfo]:
+        """The shards written; in an editing cache each with its samples' reference sizes."""
         if self.writer is not None:
             self.writer.close()
+        if editing:
+            start = 0
+            for info in self.infos:
+                info.references = self.refs[start : start + len(info.samples)]
+                start += len(info.samples)
         return self.infos

@@ -4,7 +4,8 @@ A cache (made by `cache.build_cache`) is a folder of webdataset shards that trai
 
   index.json              settings the cache was made with + every shard's samples (key, bucket, and the byte
                           offset and size of the sample's tensors in its shard: training reads by position)
-  train-NNNNNN.tar        samples: <key>.safetensors (latents, [latents_flip], prompt_embeds) + <key>.json
+  train-NNNNNN.tar        samples: <key>.safetensors (latents, [latents_flip], prompt_embeds, and for an editing
+                          sample ref.0, ref.1, ... [ref_flip.0, ...]: its references' latents) + <key>.json
   val-NNNNNN.tar          the held-out samples for the fixed-seed validation loss
   extra.safetensors       the empty-prompt embedding (caption dropout, negative prompt)
   prompts-<hash>.safetensors  sample-prompt embeddings for one list of validation prompts
@@ -39,7 +40,8 @@ from .shards import CACHE_MEMBERS, iter_tar
 CACHE_VERSION = 1
 # Settings added after version 1, with the value that caches made before them were made with. A setting at its
 # default is left out of index.json, so those caches keep their digest and stay valid.
-SETTING_DEFAULTS: dict[str, Any] = {"text_encoder_quantize": "none"}
+SETTING_DEFAULTS: dict[str, Any] = {"text_encoder_quantize": "none", "max_reference_pixels": 1024 * 1024}
+Size = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class CacheSettings:
     holdout: int
     seed: int
     text_encoder_quantize: str = "none"  # none | int8 | nf4: quantized weights change the embeddings
+    max_reference_pixels: int = 1024 * 1024  # references larger than this are scaled down to it before encoding
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,6 +77,8 @@ class ShardInfo:
     samples: list[tuple[str, int, int]]  # key, bucket width, bucket height
     # Where each sample's <key>.safetensors member lies in the tar: (byte offset of its data, size in bytes).
     offsets: list[tuple[int, int]] | None = None
+    # An editing cache: each sample's reference sizes in pixels ((width, height) per reference; () for none).
+    references: list[tuple[Size, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,31 +90,43 @@ class SampleEntry:
     bucket: tuple[int, int]
     offset: int
     size: int
+    references: tuple[Size, ...] = ()  # pixel size (width, height) of each reference, in order
 
 
 class SampleTable:
     """Every training sample of a cache as compact arrays (a million samples take tens of MB, not a list of
-    objects per sample); `table[i]` is sample i's SampleEntry."""
+    objects per sample); `table[i]` is sample i's SampleEntry.
+
+    A *group* is a bucket together with the reference sizes (none for a text-to-image sample): samples of one group
+    have tensors of the same shapes and can share a batch."""
 
     def __init__(self, shards: list[ShardInfo], root: Path):
         self.urls = [s.url for s in shards]
         self.keys: list[str] = []
         self.buckets: list[tuple[int, int]] = []  # distinct bucket sizes; `bucket` indexes them
-        shard, bucket, offset, size = [], [], [], []
+        self.groups: list[tuple[Size, tuple[Size, ...]]] = []  # distinct (bucket, reference sizes); `group` indexes
+        shard, bucket, group, offset, size = [], [], [], [], []
         ids: dict[tuple[int, int], int] = {}
+        group_ids: dict[tuple[Size, tuple[Size, ...]], int] = {}
         for j, info in enumerate(shards):
             offsets = info.offsets if info.offsets is not None else member_offsets(root / info.url, info.samples)
-            for (key, w, h), (o, n) in zip(info.samples, offsets, strict=True):
+            refs = info.references if info.references is not None else [()] * len(info.samples)
+            for (key, w, h), (o, n), r in zip(info.samples, offsets, refs, strict=True):
                 if (w, h) not in ids:
                     ids[(w, h)] = len(self.buckets)
                     self.buckets.append((w, h))
+                if ((w, h), r) not in group_ids:
+                    group_ids[((w, h), r)] = len(self.groups)
+                    self.groups.append(((w, h), r))
                 self.keys.append(key)
                 shard.append(j)
                 bucket.append(ids[(w, h)])
+                group.append(group_ids[((w, h), r)])
                 offset.append(o)
                 size.append(n)
         self.shard = np.asarray(shard, dtype=np.int32)
         self.bucket = np.asarray(bucket, dtype=np.int32)
+        self.group = np.asarray(group, dtype=np.int32)
         self.offset = np.asarray(offset, dtype=np.int64)
         self.size = np.asarray(size, dtype=np.int64)
 
@@ -118,7 +135,12 @@ class SampleTable:
 
     def __getitem__(self, i: int) -> SampleEntry:
         return SampleEntry(
-            self.urls[self.shard[i]], self.keys[i], self.buckets[self.bucket[i]], int(self.offset[i]), int(self.size[i])
+            self.urls[self.shard[i]],
+            self.keys[i],
+            self.buckets[self.bucket[i]],
+            int(self.offset[i]),
+            int(self.size[i]),
+            self.groups[self.group[i]][1],
         )
 
     def __iter__(self) -> Iterator[SampleEntry]:
@@ -240,11 +262,22 @@ _SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "holdout": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
     "seed": (_is_int, "a whole number"),
     "text_encoder_quantize": (lambda v: type(v) is str, "a string"),
+    "max_reference_pixels": (lambda v: _is_int(v) and v > 0, "a whole number > 0"),
 }
 
 
+def _sizes_ok(v: Any) -> bool:
+    """A list of [width, height] reference sizes (positive multiples of 16)."""
+    return type(v) is list and all(
+        type(b) is list and len(b) == 2 and all(_is_int(x) and x > 0 and x % MULTIPLE == 0 for x in b) for b in v
+    )
+
+
 def _rows_ok(rows: list[Any], n: int) -> bool:
-    """Every sample row is [key, w, h] (n=3) or [key, w, h, offset, size] (n=5) with a non-empty key and integers."""
+    """Every sample row is [key, w, h] (n=3), [key, w, h, offset, size] (n=5) or, in an editing cache,
+    [key, w, h, offset, size, [[ref width, ref height], ...]] (n=6), with a non-empty key and integers."""
+    if n == 6:
+        return all(type(x) is list and len(x) == 6 and _rows_ok([x[:5]], 5) and _sizes_ok(x[5]) for x in rows)
     if n == 5:
         return all(
             type(x) is list
@@ -264,7 +297,9 @@ def _rows_ok(rows: list[Any], n: int) -> bool:
 
 
 def _row_problem(x: Any, n: int) -> str:
-    form = "[key, width, height, offset, size]" if n == 5 else "[key, width, height]"
+    form = {3: "[key, width, height]", 5: "[key, width, height, offset, size]"}.get(
+        n, "[key, width, height, offset, size, references]"
+    )
     if type(x) is not list or len(x) != n:
         return f"expected {form} like the other samples of the shard, got {_kind(x)}" + (
             f" of {len(x)} values" if type(x) is list else ""
@@ -272,7 +307,9 @@ def _row_problem(x: Any, n: int) -> str:
     if type(x[0]) is not str or not x[0]:
         return f"the key must be a non-empty string, got {_kind(x[0])}"
     names = ["width", "height", "offset", "size"]
-    bad = next(j for j in range(1, n) if not _is_int(x[j]))
+    if n == 6 and all(_is_int(v) for v in x[1:5]):
+        return f"the references must be a list of [width, height] pairs, multiples of {MULTIPLE}, got {_kind(x[5])}"
+    bad = next(j for j in range(1, min(n, 5)) if not _is_int(x[j]))
     return f"the {names[bad - 1]} must be a whole number, got {_kind(x[bad])}"
 
 
@@ -323,12 +360,13 @@ def _index_from_json(root: Path, d: Any) -> CacheIndex:
             urls.add(url)
             if type(rows) is not list or not rows:
                 raise bad(f"{where}.samples", f"expected a non-empty list of samples, got {_kind(rows)}")
-            n = 5 if type(rows[0]) is list and len(rows[0]) == 5 else 3
+            n = len(rows[0]) if type(rows[0]) is list and len(rows[0]) in (5, 6) else 3
             if not _rows_ok(rows, n):
                 k = next(k for k, x in enumerate(rows) if not _rows_ok([x], n))
                 raise bad(f"{where}.samples[{k}]", _row_problem(rows[k], n))
             samples = [(x[0], x[1], x[2]) for x in rows]
-            infos.append(ShardInfo(url, samples, [(x[3], x[4]) for x in rows] if n == 5 else None))
+            refs = [tuple((r[0], r[1]) for r in x[5]) for x in rows] if n == 6 else None
+            infos.append(ShardInfo(url, samples, [(x[3], x[4]) for x in rows] if n >= 5 else None, refs))
         parts[part] = infos
     return CacheIndex(root=root, settings=st, train=parts["train"], val=parts["val"])
 
@@ -379,14 +417,16 @@ def member_offsets(path: Path, samples: list[tuple[str, int, int]]) -> list[tupl
 
 
 def decode_cached(sample: dict[str, Any]) -> dict[str, Any]:
-    """A cached-shard sample -> {'key', 'bucket', 'caption', 'latents', 'prompt_embeds', ['latents_flip']}."""
+    """A cached-shard sample -> {'key', 'bucket', 'caption', 'latents', 'prompt_embeds', ['latents_flip'],
+    ['ref.0', ...]} (an editing sample also has 'references': its reference sizes)."""
     from safetensors.torch import load
 
     key = sample.get("__key__")
     try:
         tensors = load(sample["safetensors"])
         meta = json.loads(sample["json"])
-        return {"key": key, "bucket": tuple(meta["bucket"]), "caption": meta["caption"], **tensors}
+        refs = {"references": [tuple(r) for r in meta["references"]]} if meta.get("references") else {}
+        return {"key": key, "bucket": tuple(meta["bucket"]), "caption": meta["caption"], **refs, **tensors}
     except Exception as e:  # noqa: BLE001 - a damaged member: a data error naming the sample
         why = f"no {e} member" if isinstance(e, KeyError) else _reason(e)
         raise DataError(f"sample {key!r} cannot be read ({why})") from None

@@ -1,15 +1,28 @@
-"""Dataset folders: images with same-named .txt captions, scanned recursively in a stable order."""
+"""Dataset folders: images with same-named .txt captions, scanned recursively in a stable order.
+
+An item may carry reference images (an editing dataset: the caption is the instruction, the image the result):
+
+  photo.png  photo.txt  photo_ref0.png  photo_ref1.jpg     references beside the target, numbered from 0
+  photo.png  photo.txt  references/photo_ref0.png          or in a references/ folder beside it
+                        references/photo.png               (one reference: the target's own name)
+  metadata.jsonl: {"file_name": "photo.png", "text": "...", "references": ["in/photo.png", ...]}
+
+References keep their order (ref0 first: FLUX.2 gives reference i the time index 10 + 10 i). A file that is some
+item's reference is never a target itself.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, ImageOps
 
+from ..config import MAX_REFERENCES
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -19,10 +32,21 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
+REFERENCES_DIR = "references"
+_REF_NAME = re.compile(r"^(?P<stem>.+)_ref(?P<n>[0-9]+)$")
+
+
 @dataclass(frozen=True)
 class Item:
     image: Path
     caption: str
+    references: tuple[Path, ...] = field(default=())
+
+
+def reference_index(path: Path) -> tuple[str, int] | None:
+    """(target stem, n) for a file named `<stem>_ref<n>.<ext>`, else None."""
+    m = _REF_NAME.match(path.stem)
+    return (m["stem"], int(m["n"])) if m else None
 
 
 def read_caption(path: Path) -> str:
@@ -41,19 +65,86 @@ def read_caption(path: Path) -> str:
 
 def read_metadata(root: Path) -> dict[str, str]:
     """Captions from an optional root/metadata.jsonl ({"file_name": "rel/path.png", "text": "..."} per line)."""
+    return {k: caption for k, (caption, _) in read_metadata_records(root).items()}
+
+
+def read_metadata_records(root: Path) -> dict[str, tuple[str, list[str]]]:
+    """root/metadata.jsonl as file_name -> (caption, reference paths relative to root); {} without the file."""
     path = root / "metadata.jsonl"
     if not path.exists():
         return {}
-    captions: dict[str, str] = {}
+    records: dict[str, tuple[str, list[str]]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            captions[str(rec["file_name"])] = " ".join(str(rec["text"]).split())
-        except (ValueError, KeyError, TypeError):
+            caption = " ".join(str(rec["text"]).split())
+            refs = rec.get("references", [])
+            if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+                raise DataError(f"{path}:{n}: references must be a list of file names relative to {root}")
+            records[str(rec["file_name"])] = (caption, refs)
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise DataError(f"{path}:{n}: not a JSON object with file_name and text") from None
-    return captions
+    return records
+
+
+def reference_path(root: Path, rel: str, where: str) -> Path:
+    """A metadata.jsonl reference as a path inside root; outside root (absolute, `..`, a symlink out) is refused."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise DataError(f"{where}: reference {rel!r} is outside the dataset folder {root}; refused")
+    full = root / p
+    try:
+        inside = full.resolve().is_relative_to(root.resolve())
+    except OSError:
+        inside = False
+    if not inside or full.is_symlink():
+        raise DataError(f"{where}: reference {rel!r} leads outside the dataset folder {root} (symlink); refused")
+    return full
+
+
+def folder_references(root: Path, images: list[Path], captioned: set[str]) -> dict[Path, tuple[Path, ...]]:
+    """Each target's `<stem>_ref<n>` files beside it or in references/ (and references/<stem>.<ext>), in order of n.
+
+    A `<stem>_ref<n>` file whose target is missing is a target itself when it has its own caption (a .txt/.json
+    sidecar, or a metadata.jsonl line: `captioned` holds those relative paths), else an error naming it; so are
+    two files for one number and more than 10 references."""
+    in_dir = [p for p in images if p.parent.name == REFERENCES_DIR]
+    beside = [p for p in images if p.parent.name != REFERENCES_DIR]
+    targets = {(p.parent, p.stem): p for p in beside if reference_index(p) is None}
+    numbered: dict[Path, dict[int, Path]] = {}
+
+    def own_caption(p: Path) -> bool:
+        rel = p.relative_to(root).as_posix()
+        return rel in captioned or p.with_suffix(".txt").exists() or p.with_suffix(".json").exists()
+
+    for p in beside + in_dir:
+        base = p.parent.parent if p in in_dir else p.parent
+        ref = reference_index(p)
+        if ref is not None and (base, ref[0]) in targets:
+            stem, n = ref
+        elif p in in_dir and (base, p.stem) in targets:
+            stem, n = p.stem, 0
+        elif p in in_dir or ref is not None and not own_caption(p):
+            want = ref[0] if ref else p.stem
+            raise DataError(
+                f"{p}: a reference image without its target {want}.png/.jpg/.webp in {base} "
+                "(add the target, or give this file a caption if it is not a reference)"
+            )
+        else:
+            continue
+        target = targets[(base, stem)]
+        slots = numbered.setdefault(target, {})
+        if n in slots:
+            raise DataError(f"{p}: reference {n} of {target} is also {slots[n]}; keep one of them")
+        slots[n] = p
+    out: dict[Path, tuple[Path, ...]] = {}
+    for target, slots in numbered.items():
+        if len(slots) > MAX_REFERENCES:
+            raise DataError(f"{target}: {len(slots)} reference images; FLUX.2 takes up to {MAX_REFERENCES}")
+        out[target] = tuple(slots[n] for n in sorted(slots))
+    return out
 
 
 def read_json_caption(path: Path) -> str:
@@ -76,21 +167,40 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    metadata = read_metadata(root)
-    items: list[Item] = []
+    records = read_metadata_records(root)
+    images = []
     for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         if path.is_symlink():
             log.warning("%s: symlink refused, not followed (run `flux2-lora data validate`)", path)
             continue
-        if not path.is_file():
+        if path.is_file():
+            images.append(path)
+    listed = {
+        rel: tuple(reference_path(root, r, f"{root / 'metadata.jsonl'}: {rel}") for r in refs)
+        for rel, (_, refs) in records.items()
+        if refs
+    }
+    named = {p for refs in listed.values() for p in refs}
+    for rel, refs in listed.items():
+        missing = next((p for p in refs if not p.is_file()), None)
+        if missing is not None:
+            raise DataError(f"{root / 'metadata.jsonl'}: {rel}: reference {missing} does not exist")
+    beside = folder_references(root, [p for p in images if p not in named], set(records))
+    named |= {p for refs in beside.values() for p in refs}
+    items: list[Item] = []
+    for path in images:
+        if path in named:
             continue
         caption_file = path.with_suffix(".txt")
         rel = path.relative_to(root).as_posix()
         json_file = path.with_suffix(".json")
-        if rel in metadata:
-            caption = metadata[rel]
+        refs = listed.get(rel) or beside.get(path, ())
+        if len(refs) > MAX_REFERENCES:
+            raise DataError(f"{path}: {len(refs)} reference images; FLUX.2 takes up to {MAX_REFERENCES}")
+        if rel in records:
+            caption = records[rel][0]
         elif not caption_file.exists() and json_file.exists():
             caption = read_json_caption(json_file)
         elif caption_file.exists():
@@ -103,7 +213,7 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
             caption = instance_prompt
         else:
             raise DataError(f"{path}: no caption file {caption_file.name} (add one or set data.instance_prompt)")
-        items.append(Item(path, caption))
+        items.append(Item(path, caption, refs))
     if not items:
         raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return items

@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 
 from .folder import DataError, Item
 
-RAW_MEMBERS = {"jpg", "jpeg", "png", "webp", "txt", "json"}
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+# Reference images of an editing sample: <key>.ref0.png, <key>.ref1.jpg, ... (numbered from 0, in order).
+REFERENCE_MEMBERS = {f"ref{i}.{e}" for i in range(10) for e in IMAGE_MEMBERS}
+RAW_MEMBERS = {*IMAGE_MEMBERS, "txt", "json"} | REFERENCE_MEMBERS
 CACHE_MEMBERS = {"safetensors", "json"}
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 
@@ -99,6 +102,24 @@ class RawSample:
     image: bytes
     ext: str
     caption: str
+    references: tuple[tuple[bytes, str], ...] = ()  # (image bytes, extension) of each reference, in order
+    reference_names: tuple[str, ...] = ()  # where each reference came from, for messages
+
+
+def shard_references(s: dict[str, Any], url: str) -> tuple[tuple[tuple[bytes, str], ...], tuple[str, ...]]:
+    """The ref0, ref1, ... members of a raw shard sample, numbered from 0 without gaps."""
+    found: dict[int, tuple[bytes, str]] = {}
+    for name, data in s.items():
+        if name in REFERENCE_MEMBERS:
+            n, ext = name.split(".", 1)
+            if int(n[3:]) in found:
+                raise DataError(f"{url}: sample {s['__key__']!r} has two {n} members; keep one")
+            found[int(n[3:])] = (data, ext)
+    if sorted(found) != list(range(len(found))):
+        missing = min(set(range(len(found))) - set(found))
+        raise DataError(f"{url}: sample {s['__key__']!r} has references {sorted(found)} but no ref{missing}")
+    names = tuple(f"{url}: {s['__key__']}.ref{n}.{found[n][1]}" for n in sorted(found))
+    return tuple(found[n] for n in sorted(found)), names
 
 
 def iter_raw_samples(spec: str, instance_prompt: str | None = None) -> Iterator[RawSample]:
@@ -115,14 +136,16 @@ def iter_raw_samples(spec: str, instance_prompt: str | None = None) -> Iterator[
                 caption = instance_prompt
             else:
                 raise DataError(f"{url}: sample {key!r} has no caption (.txt) and data.instance_prompt is not set")
-            yield RawSample(key, s[ext], ext, caption)
+            refs, names = shard_references(s, url)
+            yield RawSample(key, s[ext], ext, caption, refs, names)
 
 
 def iter_folder_samples(items: list[Item], root: Path) -> Iterator[RawSample]:
     for it in items:
         rel = it.image.relative_to(root).as_posix()
         ext = it.image.suffix.lower().lstrip(".")
-        yield RawSample(sample_key(rel), it.image.read_bytes(), ext, it.caption)
+        refs = tuple((p.read_bytes(), p.suffix.lower().lstrip(".")) for p in it.references)
+        yield RawSample(sample_key(rel), it.image.read_bytes(), ext, it.caption, refs, tuple(map(str, it.references)))
 
 
 def write_raw_shards(items: list[Item], root: Path, out: Path, shard_size: int = 1000) -> list[Path]:
@@ -148,7 +171,8 @@ def write_raw_shards(items: list[Item], root: Path, out: Path, shard_size: int =
             written.append(path)
             writer = wds.TarWriter(str(path))
         assert writer is not None
-        writer.write({"__key__": s.key, s.ext: s.image, "txt": s.caption})
+        refs = {f"ref{n}.{ext}": data for n, (data, ext) in enumerate(s.references)}
+        writer.write({"__key__": s.key, s.ext: s.image, "txt": s.caption, **refs})
     if writer is not None:
         writer.close()
     return written

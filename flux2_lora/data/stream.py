@@ -1,7 +1,7 @@
 """The data order: global batches that do not depend on the number of processes, read by random access.
 
 One optimizer step trains one *global batch* of G = batch_size x processes x gradient_accumulation samples,
-all from one bucket. An epoch is `data.repeats` copies of every training sample; its global batches come
+all from one bucket (for an editing dataset: one bucket and one set of reference sizes, a *group*). An epoch is `data.repeats` copies of every training sample; its global batches come
 from (seed, epoch) alone:
 
   1. each bucket's copies are shuffled and cut into global batches of G; a bucket's last batch may be short;
@@ -70,9 +70,9 @@ class GlobalBatches:
             raise ValueError(f"global batch must be >= 1, got {global_batch}")
         self.global_batch, self.seed, self.repeats = global_batch, seed, repeats
         table = index.samples()
-        self.buckets = {
-            size: np.flatnonzero(table.bucket == b).astype(np.int64)
-            for b, size in sorted(enumerate(table.buckets), key=lambda x: x[1])
+        self.buckets = {  # per group (bucket, reference sizes): its sample ids
+            group: np.flatnonzero(table.group == g).astype(np.int64)
+            for g, group in sorted(enumerate(table.groups), key=lambda x: x[1])
         }
         self.num_samples = sum(len(v) for v in self.buckets.values())
         self.steps_per_epoch = sum(-(-len(v) * repeats // global_batch) for v in self.buckets.values())
@@ -163,15 +163,19 @@ class CachedSamples(Dataset):  # type: ignore[type-arg]
         except Exception as err:  # noqa: BLE001 - a changed or truncated shard is a data error naming it
             why = f"cannot be read at its indexed offset ({err}): the shard changed after the cache was opened"
             raise CacheCorrupt(self.index.root, e.url, why, e.key) from None
-        w, h = e.bucket
-        lat = tensors.get("latents")
-        if lat is None or "prompt_embeds" not in tensors or tuple(lat.shape[1:]) != (h // MULTIPLE, w // MULTIPLE):
-            found = (
-                f"its latents are {'x'.join(map(str, lat.shape))}" if lat is not None else f"it holds {sorted(tensors)}"
-            )
-            why = f"index.json lists it as {w}x{h}, but {found} (`flux2-lora data validate` checks every sample)"
-            raise CacheCorrupt(self.index.root, e.url, why, e.key)
-        return {"key": e.key, "bucket": e.bucket, **tensors}
+        for name, (w, h) in [("latents", e.bucket), *((f"ref.{n}", r) for n, r in enumerate(e.references))]:
+            lat = tensors.get(name)
+            if lat is None or "prompt_embeds" not in tensors or tuple(lat.shape[1:]) != (h // MULTIPLE, w // MULTIPLE):
+                what = "its latents" if name == "latents" else f"its reference {name[4:]}'s latents"
+                found = (
+                    f"{what} are {'x'.join(map(str, lat.shape))}" if lat is not None else f"it holds {sorted(tensors)}"
+                )
+                listed = f"{w}x{h}" if name == "latents" else f"a {w}x{h} reference {name[4:]}"
+                why = f"index.json lists it as {listed}, but {found} (`flux2-lora data validate` checks every sample)"
+                raise CacheCorrupt(self.index.root, e.url, why, e.key)
+        refs = [tensors.pop(f"ref.{n}") for n in range(len(e.references))]
+        flips = [tensors.pop(f"ref_flip.{n}") for n in range(len(e.references)) if f"ref_flip.{n}" in tensors]
+        return {"key": e.key, "bucket": e.bucket, **tensors, "references": refs, "references_flip": flips}
 
     def __getitem__(self, slot: Slot) -> dict[str, Any]:
         return {**self.read(slot.sample), "weight": slot.weight, "data_pass": slot.data_pass}
@@ -194,6 +198,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "latents_flip" in samples[0]:
         out["latents_flip"] = torch.stack([s["latents_flip"] for s in samples])
+    # Reference i of every sample, stacked (one group per batch: the shapes agree); [] without references.
+    for name in ("references", "references_flip"):
+        refs = [s.get(name, []) for s in samples]
+        if refs[0]:
+            out[name] = [torch.stack([r[n] for r in refs]) for n in range(len(refs[0]))]
+        elif name == "references":
+            out[name] = []
     return out
 
 
@@ -202,10 +213,18 @@ def describe(plan: GlobalBatches, batch_size: int, world: int, accumulation: int
     short = sum(1 for ids in plan.buckets.values() if len(ids) * plan.repeats % plan.global_batch)
     return (
         f"data  global batch {plan.global_batch} = batch {batch_size} x {world} process(es) x accumulation "
-        f"{accumulation}; {plan.num_samples} samples x {plan.repeats} repeat(s) in {len(plan.buckets)} bucket(s): "
+        f"{accumulation}; {plan.num_samples} samples x {plan.repeats} repeat(s) in {_groups(plan)}: "
         f"{plan.steps_per_epoch} steps per epoch"
         + (f", {short} of them short (a bucket's last batch)" if short else "")
     )
+
+
+def _groups(plan: GlobalBatches) -> str:
+    buckets = {b for b, _ in plan.buckets}
+    text = f"{len(buckets)} bucket(s)"
+    if any(refs for _, refs in plan.buckets):  # an editing dataset: groups of one bucket and one set of reference sizes
+        text += f", {len(plan.buckets)} group(s) of bucket and reference sizes"
+    return text
 
 
 __all__ = ["CachedSamples", "GlobalBatches", "RankBatchSampler", "Slot", "auto_workers", "collate", "describe"]
