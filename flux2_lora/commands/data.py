@@ -23,12 +23,14 @@ def validate(
     max_tokens: int = 512,
     instance_prompt: str | None = None,
 ) -> int:
-    """Check a dataset folder or a cache folder: every problem on one line; exit code 1 when there is an error.
+    """Check a dataset folder, raw shards or a cache folder: every problem on one line; exit code 1 when there is an
+    error.
 
     Args:
         folder: The folder (or give it as --dataset).
-        dataset: Dataset folder (images with .txt captions), or a cache folder (index.json + shards) to check in
-            full.
+        dataset: Dataset folder (images with .txt captions, reference images of an editing dataset), raw shards
+            (`data shard`'s: a folder of .tar files, a .tar, a brace pattern), or a cache folder (index.json +
+            shards) to check in full.
         fix: Write a cleaned copy into this new folder.
         max_file_mb: Largest image file accepted, in MB.
         min_resolution: Smallest short side accepted, in pixels.
@@ -38,26 +40,32 @@ def validate(
         instance_prompt: Caption for images without one.
     """
     from ..data.fix import fix_dataset
+    from ..data.shards import is_shard_spec
+    from ..data.tokens import load_tokenizer
     from ..data.validate import (
         FIXES_FILE,
         dataset_root,
         format_report,
         is_cache,
-        load_tokenizer,
         plural,
         validate_cache,
         validate_dataset,
     )
+    from ..data.validate_shards import validate_shards
 
     if (folder is None) == (dataset is None):
         raise UsageError("data validate: give the folder to check (`data validate FOLDER` or --dataset FOLDER), once")
-    root = dataset_root(folder or dataset or "")
-    if is_cache(root):
+    spec = folder or dataset or ""
+    shards = not is_cache(spec) and is_shard_spec(spec)
+    root = None if shards else dataset_root(spec)
+    if root is not None and is_cache(root):
         if fix:
             raise UsageError(f"--fix: {root} is a cache folder, which cannot be fixed (rebuild it instead)")
         report = validate_cache(root)
         print(format_report(report))
         return 1 if report.has_errors else 0
+    if shards and fix:
+        raise UsageError(f"--fix: {spec} is raw shards, which cannot be fixed (fix the folder, then `data shard` it)")
     tokenizer, overhead = load_tokenizer(model) if model else (None, 0)
     options: dict[str, Any] = dict(
         max_file_mb=max_file_mb,
@@ -67,9 +75,9 @@ def validate(
         tokenizer=tokenizer,
         instance_prompt=instance_prompt,
     )
-    report = validate_dataset(root, **options)
+    report = validate_shards(spec, **options) if root is None else validate_dataset(root, **options)
     print(format_report(report))
-    if fix:
+    if fix and root is not None:
         lines = fix_dataset(root, fix, report, instance_prompt=instance_prompt)
         print(f"\ncleaned copy written to {fix} ({plural(len(lines), 'change')}, listed in {FIXES_FILE}):")
         print("\n".join(f"  {line}" for line in lines))
@@ -87,7 +95,8 @@ def analyze(*, dataset: str, output: str = "analysis.png", model: str | None = N
         model: FLUX.2 folder whose tokenizer counts tokens.
     """
     from ..data.analyze import analyze_dataset, format_analysis, plot_analysis
-    from ..data.validate import dataset_root, load_tokenizer
+    from ..data.tokens import load_tokenizer
+    from ..data.validate import dataset_root
 
     dataset_root(dataset)
     tokenizer = load_tokenizer(model)[0] if model else None
@@ -98,7 +107,7 @@ def analyze(*, dataset: str, output: str = "analysis.png", model: str | None = N
 
 def augment(*, dataset: str, output: str, samples: int, seed: int = 0, instance_prompt: str | None = None) -> None:
     """Write flipped, cropped and colour-jittered copies of each image, with its caption, to a new folder (the
-    originals are not copied).
+    originals are not copied). An editing item's reference images get the same flip, crop and colours.
 
     Args:
         dataset: Dataset folder.

@@ -1,4 +1,7 @@
-"""`flux2-lora data analyze`: what a dataset holds (sizes, shapes, caption lengths) as a table and a histogram PNG."""
+"""`flux2-lora data analyze`: what a dataset holds (sizes, shapes, caption lengths) as a table and a histogram PNG.
+
+An editing dataset's reference images are not items: they get a line of their own (how many, per item) and two
+rows (their short side, their megapixels), and the histogram a fourth panel, their short side."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .validate import count_tokens, dataset_root, find_caption, image_files, read_metadata
+from .tokens import count_tokens
+from .validate import dataset_root, find_caption, image_files, read_metadata
+from .validate_refs import find_references
 
 # Aspect ratio (width / height) classes: (upper bound, label).
 ASPECT_CLASSES = (
@@ -60,14 +65,17 @@ def analyze_dataset(root: str | os.PathLike[str], tokenizer: Any = None) -> dict
     Keys: root, n_images, n_unreadable, unreadable (relative paths), n_captioned, n_missing_captions,
     n_bad_captions, width/height/megapixels/short_side/aspect_ratio/caption_words/caption_tokens
     (each {min, median, p95, max} or None), aspect_classes ({label: count}), per_image (one dict per
-    readable image: path, width, height, words, tokens).
+    readable image: path, width, height, words, tokens, references: [[w, h], ...] of its readable references).
+    Editing datasets: n_with_references, n_references, n_unreadable_references, references_per_item
+    ({count: items}), reference_short_side / reference_megapixels (stats or None). Reference images are not images.
     """
     root_path = dataset_root(root)
     metadata, _ = read_metadata(root_path)
     per_image: list[dict[str, Any]] = []
     unreadable: list[str] = []
     missing = bad_captions = 0
-    images = image_files(root_path)
+    refs = find_references(root_path, image_files(root_path), set(metadata))
+    images = [p for p in image_files(root_path) if p not in refs.files]
     for path in tqdm(images, desc="analyze", unit="image", disable=None, leave=False):
         rel = path.relative_to(root_path).as_posix()
         try:
@@ -76,6 +84,12 @@ def analyze_dataset(root: str | os.PathLike[str], tokenizer: Any = None) -> dict
             unreadable.append(rel)
             continue
         record: dict[str, Any] = {"path": rel, "width": w, "height": h, "words": None, "tokens": None}
+        record["references"] = []
+        for ref in refs.of.get(path, ()):
+            try:
+                record["references"].append(list(_displayed_size(ref)))
+            except Exception:  # counted, not fatal
+                unreadable.append(refs.rel(ref))
         try:
             caption = find_caption(path, metadata, root_path).text
         except (OSError, UnicodeDecodeError):
@@ -86,7 +100,16 @@ def analyze_dataset(root: str | os.PathLike[str], tokenizer: Any = None) -> dict
             record["words"] = len(caption.split())
             record["tokens"] = count_tokens(tokenizer, caption) if tokenizer is not None else None
         per_image.append(record)
-    return _summary(root_path, images, per_image, unreadable, missing, bad_captions)
+    stats = _summary(root_path, images, per_image, unreadable, missing, bad_captions)
+    n_refs = [len(refs.of.get(p, ())) for p in images]
+    sizes = [r for rec in per_image for r in rec["references"]]
+    stats["n_with_references"] = sum(n > 0 for n in n_refs)
+    stats["n_references"] = sum(n_refs)
+    stats["n_unreadable_references"] = sum(n_refs) - sum(len(rec["references"]) for rec in per_image)
+    stats["references_per_item"] = {n: n_refs.count(n) for n in sorted(set(n_refs))} if any(n_refs) else {}
+    stats["reference_short_side"] = _stats([min(w, h) for w, h in sizes])
+    stats["reference_megapixels"] = _stats([w * h / 1e6 for w, h in sizes])
+    return stats
 
 
 def _summary(
@@ -134,6 +157,14 @@ def format_analysis(stats: dict[str, Any]) -> str:
         f"dataset: {stats['root']}",
         f"images: {stats['n_images']} ({stats['n_unreadable']} unreadable, skipped)",
         f"captions: {stats['n_captioned']} ({stats['n_missing_captions']} missing, {stats['n_bad_captions']} unreadable)",
+    ]
+    if stats.get("n_references"):
+        per = ", ".join(f"{k} with {n}" for n, k in stats["references_per_item"].items())
+        unread = stats["n_unreadable_references"]
+        lines.append(
+            f"references: {stats['n_references']} in {stats['n_with_references']} items ({per}; {unread} unreadable)"
+        )
+    lines += [
         "",
         f"{'':<16}{'min':>9}{'median':>9}{'p95':>9}{'max':>9}",
     ]
@@ -145,9 +176,11 @@ def format_analysis(stats: dict[str, Any]) -> str:
         ("aspect (w/h)", "aspect_ratio"),
         ("caption words", "caption_words"),
         ("caption tokens", "caption_tokens"),
+        ("ref short side", "reference_short_side"),
+        ("ref megapixels", "reference_megapixels"),
     )
     for label, key in rows:
-        s = stats[key]
+        s = stats.get(key)
         if s is not None:
             lines.append(f"{label:<16}" + "".join(f"{_num(s[k]):>9}" for k in ("min", "median", "p95", "max")))
     lines += ["", "aspect ratio classes:"]
@@ -244,20 +277,24 @@ def _panel(img: Image.Image, box: tuple[int, int, int, int], values: list[float]
 
 
 def plot_analysis(stats: dict[str, Any], out: str | os.PathLike[str], size: tuple[int, int] = (900, 840)) -> Path:
-    """Three histograms, one above the other: short side, aspect ratio, caption length (tokens when counted)."""
+    """Three histograms, one above the other: short side, aspect ratio, caption length (tokens when counted); a
+    fourth, the references' short side, for an editing dataset (size is then 4/3 as tall)."""
     per = stats["per_image"]
     short = [min(r["width"], r["height"]) for r in per]
     aspect = [r["width"] / r["height"] for r in per if r["height"]]
     tokens = [r["tokens"] for r in per if r["tokens"] is not None]
     words = [r["words"] for r in per if r["words"] is not None]
     caption, unit = (tokens, "tokens") if tokens else (words, "words")
-    panels = (
+    panels: list[tuple[list[Any], str, str]] = [
         (short, "Short side", "short side (pixels)"),
         (aspect, "Aspect ratio", "width / height  (1 = square, > 1 = landscape)"),
         (caption, "Caption length", f"caption length ({unit})"),
-    )
-    w, h = size
-    img = Image.new("RGB", size, "white")
+    ]
+    ref_short = [min(r) for rec in per for r in rec.get("references", ())]
+    if ref_short:
+        panels.append((ref_short, "Reference short side", "reference image short side (pixels)"))
+    w, h = size[0], size[1] * len(panels) // 3
+    img = Image.new("RGB", (w, h), "white")
     rows = len(panels)
     for i, (values, title, xlabel) in enumerate(panels):
         _panel(img, (0, i * h // rows, w, (i + 1) * h // rows), values, f"{title}  ({len(values)} images)", xlabel)

@@ -2,8 +2,11 @@
 
 The dataset folder is only read, never modified. Files with errors, duplicates and orphan captions are left out;
 caption byte-order marks and whitespace are fixed, metadata.jsonl captions become .txt files, and images training
-would have to convert (EXIF rotation, CMYK, palette, 16-bit, alpha, animation) are re-saved as RGB PNG. Every
-change is one line, returned and written to FIXES.txt in the copy. Checking the folder is `validate`'s job: this
+would have to convert (EXIF rotation, CMYK, palette, 16-bit, alpha, animation) are re-saved as RGB PNG. An editing
+item goes with its reference images, or is left out with them when one has an error; in the copy they sit beside
+their target as `<stem>_ref0`, `<stem>_ref1`, ... in training's order (from a references/ folder or metadata.jsonl
+too: that file is not copied), so the copy scans to the same items. Every change is one line, returned and written
+to FIXES.txt in the copy. Checking the folder is `validate`'s job: this
 module only acts on its report. `check_output_folder` is shared with `augment`, which also writes a derived dataset.
 """
 
@@ -85,6 +88,7 @@ class _Fixer:
     def run(self) -> list[str]:
         metadata, _ = read_metadata(self.root)
         images = image_files(self.root)
+        images = [p for p in images if p not in self.report.reference_files]
         self.not_copied(images, metadata)
         if metadata:
             self.lines.append(f"{METADATA_FILE}: captions written as .txt files next to their images")
@@ -98,12 +102,20 @@ class _Fixer:
         image_set = set(images)
         captions = {p.with_suffix(CAPTION_SUFFIX) for p in images if p not in metadata}
         orphans = {p.path for p in self.report.problems if p.code == "orphan-caption"}
+        used = {r for refs in self.report.references.values() for r in refs}
+        ref_captions = {p.path for p in self.report.problems if p.code == "reference-caption"}
         for path in walk(self.root)[0]:
             if path in image_set or path in captions or path.parent == self.root and path.name == METADATA_FILE:
                 if path in self.errors and path.name == METADATA_FILE:
                     self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
                 continue
-            if path in self.errors:
+            if path in used:  # copied with its item, or named in the line of the item dropped
+                continue
+            if path in self.report.reference_files and path not in self.errors:
+                self.lines.append(f"{self.rel(path)}: not copied (a reference image training does not use)")
+            elif path in ref_captions:
+                self.lines.append(f"{self.rel(path)}: dropped (caption of a reference image: training ignores it)")
+            elif path in self.errors:
                 self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
             elif path in orphans:
                 self.lines.append(f"{self.rel(path)}: dropped (orphan caption: no image)")
@@ -115,6 +127,8 @@ class _Fixer:
         reasons = self.errors.get(image, [])
         if image not in metadata and txt in self.errors:
             reasons = reasons + [f"{txt.name}: {r}" for r in self.errors[txt]]
+        for ref in self.report.references.get(image, ()):
+            reasons = reasons + [f"reference {self.rel(ref)}: {r}" for r in self.errors.get(ref, [])]
         if reasons:
             self.lines.append(f"{self.rel(image)}: dropped ({'; '.join(reasons)})")
             return
@@ -128,9 +142,36 @@ class _Fixer:
             self.lines.append(f"{self.rel(image)}: dropped (no caption)")
             return
         target = self.write_image(image)
-        if target is None:
+        if target is None or not self.write_references(image, target):
             return
         self.write_caption(image, target, text, caption)
+
+    def write_references(self, image: Path, target: Path) -> bool:
+        """The item's references beside its copy as <stem>_ref<n> in order; False (the item dropped) on a failure."""
+        refs = self.report.references.get(image, ())
+        written: list[Path] = []
+        try:
+            for n, ref in enumerate(refs):
+                dest = target.with_name(f"{target.stem}_ref{n}{ref.suffix}")
+                why = rgb_resave_reason(ref)
+                if why is None:
+                    shutil.copyfile(ref, dest)
+                else:
+                    dest = dest.with_suffix(".png")
+                    load_image(ref).save(dest)
+                    self.lines.append(
+                        f"{self.rel(ref)}: re-saved as RGB PNG {dest.relative_to(self.out).as_posix()} ({why})"
+                    )
+                written.append(dest)
+        except (OSError, DataError, ValueError) as e:
+            for p in [target, *written]:
+                p.unlink(missing_ok=True)
+            self.lines.append(f"{self.rel(image)}: dropped (cannot copy a reference image: {e})")
+            return False
+        names = [p.relative_to(self.out).as_posix() for p in written]
+        if names != [self.rel(r) for r in refs]:
+            self.lines.append(f"{self.rel(image)}: references written beside it as {', '.join(names)}")
+        return True
 
     def write_image(self, image: Path) -> Path | None:
         rel = image.relative_to(self.root)
@@ -173,7 +214,7 @@ def fix_dataset(
 ) -> list[str]:
     """Write a cleaned copy of root into out (root is never modified); the changes, one line each, also in FIXES.txt.
 
-    Dropped: files with errors, duplicates, orphan captions. Fixed: caption BOM and whitespace; EXIF-rotated, CMYK,
+    Dropped: files with errors, duplicates, orphan captions, editing items with a bad reference. Fixed: caption BOM and whitespace; EXIF-rotated, CMYK,
     palette, 16-bit, transparent and animated images are re-saved as RGB PNG; missing or empty captions take
     instance_prompt when given; metadata.jsonl captions become .txt files.
     """

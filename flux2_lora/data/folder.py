@@ -112,7 +112,11 @@ def folder_references(root: Path, images: list[Path], captioned: set[str]) -> di
     two files for one number and more than 10 references."""
     in_dir = [p for p in images if p.parent.name == REFERENCES_DIR]
     beside = [p for p in images if p.parent.name != REFERENCES_DIR]
-    targets = {(p.parent, p.stem): p for p in beside if reference_index(p) is None}
+    targets: dict[tuple[Path, str], list[Path]] = {}  # photo.jpg and photo.png share one: whose is photo_ref0.png?
+    for p in beside:
+        if reference_index(p) is None:
+            targets.setdefault((p.parent, p.stem), []).append(p)
+    in_dir_set = set(in_dir)
     numbered: dict[Path, dict[int, Path]] = {}
 
     def own_caption(p: Path) -> bool:
@@ -120,13 +124,13 @@ def folder_references(root: Path, images: list[Path], captioned: set[str]) -> di
         return rel in captioned or p.with_suffix(".txt").exists() or p.with_suffix(".json").exists()
 
     for p in beside + in_dir:
-        base = p.parent.parent if p in in_dir else p.parent
+        base = p.parent.parent if p in in_dir_set else p.parent
         ref = reference_index(p)
         if ref is not None and (base, ref[0]) in targets:
             stem, n = ref
-        elif p in in_dir and (base, p.stem) in targets:
+        elif p in in_dir_set and (base, p.stem) in targets:
             stem, n = p.stem, 0
-        elif p in in_dir or ref is not None and not own_caption(p):
+        elif p in in_dir_set or ref is not None and not own_caption(p):
             want = ref[0] if ref else p.stem
             raise DataError(
                 f"{p}: a reference image without its target {want}.png/.jpg/.webp in {base} "
@@ -134,7 +138,11 @@ def folder_references(root: Path, images: list[Path], captioned: set[str]) -> di
             )
         else:
             continue
-        target = targets[(base, stem)]
+        owners = targets[(base, stem)]
+        if len(owners) > 1:
+            names = " and ".join(t.name for t in owners)
+            raise DataError(f"{p}: a reference of which image? {names} share its name (rename one)")
+        target = owners[0]
         slots = numbered.setdefault(target, {})
         if n in slots:
             raise DataError(f"{p}: reference {n} of {target} is also {slots[n]}; keep one of them")

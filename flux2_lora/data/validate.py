@@ -6,11 +6,15 @@ Symbolic links are refused and never followed: their targets are not opened, sta
 (index.json + shards, from `flux2-lora data cache` or a run's OUTPUT/cache/<digest>) is checked as a cache:
 index.json against every tar header and every sample's tensors (cache.audit_cache), one line per mismatch naming
 the shard and the sample. The cleaned copy of `--fix` is written by `fix.py`, from the report made here.
+An editing dataset's reference images are found by `validate_refs.py` (training's rules, every mistake listed):
+they need no caption, are not duplicates, and are held to FLUX.2's limits for a reference, not the target's;
+`Report.references` holds each item's. Raw shards are checked by `validate_shards.py`, with the same checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,6 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .folder import IMAGE_EXTENSIONS, DataError, load_image
+from .tokens import count_tokens
+from .validate_refs import References, find_references, reference_geometry
 
 Severity = Literal["error", "warning"]
 
@@ -70,6 +76,8 @@ class Report:
     unit: str = "image"  # what n_images counts ("sample" for a cache)
     absolute: bool = False  # problems shown with their full path (a cache's lines name its folder)
     advice: str | None = None  # what to do about the errors, appended to the summary line
+    references: dict[Path, tuple[Path, ...]] = field(default_factory=dict)  # each item's reference images, in order
+    reference_files: set[Path] = field(default_factory=set)  # every file taken as a reference (validate_refs)
 
     @property
     def has_errors(self) -> bool:
@@ -244,58 +252,6 @@ def find_caption(image: Path, metadata: dict[Path, tuple[str, int]], root: Path)
     return Caption(normalise(text), txt, bom=bom, raw_text=text)
 
 
-def count_tokens(tokenizer: Any, text: str) -> int:
-    """Tokens of text alone (no special tokens) with any Hugging Face tokenizer or processor."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
-    if callable(tok):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tok.encode(text, add_special_tokens=False)
-    return len(ids)
-
-
-def prompt_overhead(tokenizer: Any, family: str) -> int:
-    """Tokens the family's prompt template (system message, chat markers) takes from max_sequence_length; 0 if unknown."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    if not getattr(tok, "chat_template", None):
-        return 0
-    try:
-        if family == "klein":
-            messages = [{"role": "user", "content": ""}]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-            return len(tok(text)["input_ids"])
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-
-        out = tok.apply_chat_template(format_input([""], SYSTEM_MESSAGE), tokenize=True, return_dict=True)
-        ids = out["input_ids"]
-        return len(ids[0] if ids and isinstance(ids[0], list) else ids)
-    except Exception:  # any tokenizer without a usable chat template: count the caption alone
-        return 0
-
-
-def load_tokenizer(model: str | os.PathLike[str]) -> tuple[Any, int]:
-    """The tokenizer of a diffusers FLUX.2 folder and the tokens its prompt template takes (UsageError on failure)."""
-    from ..errors import UsageError
-
-    path = Path(model)
-    if not (path / "tokenizer").is_dir():
-        raise UsageError(f"--model: {path / 'tokenizer'} does not exist (expected a diffusers FLUX.2 folder)")
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    except Exception as e:
-        raise UsageError(f"--model: cannot load {path / 'tokenizer'} ({type(e).__name__}: {e})") from None
-    family = "dev"
-    try:
-        if "klein" in json.loads((path / "model_index.json").read_text()).get("_class_name", "").lower():
-            family = "klein"
-    except (OSError, ValueError, AttributeError):
-        pass
-    return tokenizer, prompt_overhead(tokenizer, family)
-
-
 # ------------------------------------------------------------------------------------------------------ checking
 
 
@@ -386,6 +342,10 @@ class _Checker:
         self.problems: list[Problem] = []
         self.hashes: dict[str, Path] = {}
         self.images: list[Path] = []
+        self.refs = References(root)
+
+    def is_reference(self, path: Path) -> bool:
+        return path in self.refs.files
 
     def add(self, path: Path, severity: Severity, code: str, reason: str) -> None:
         self.problems.append(Problem(path, severity, code, reason))
@@ -400,7 +360,7 @@ class _Checker:
             self.add(path, "error", "unreadable", f"cannot stat ({e.strerror})")
             return
         suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in IMAGE_EXTENSIONS and not self.is_reference(path):
             self.images.append(path)
         if stat.S_ISLNK(st.st_mode):
             self.symlink(path)
@@ -456,13 +416,15 @@ class _Checker:
             if size > limit:
                 why = f"file is {_mb(size)}, over the {self.opts.max_file_mb:g} MB limit (--max-file-mb)"
                 self.add(path, "error", "too-large", why)
-            self.duplicate(path)
+            if not self.is_reference(path):
+                self.duplicate(path)
             self.pixels(path)
-        self.caption(path, metadata)
+        if not self.is_reference(path):
+            self.caption(path, metadata)
 
     def duplicate(self, path: Path) -> None:
         try:
-            digest = sha256(path)
+            digest = "".join(sha256(p) for p in (path, *self.refs.of.get(path, ())))  # an editing pair: all of it
         except OSError as e:
             self.add(path, "error", "unreadable", f"cannot read ({e.strerror})")
             return
@@ -470,12 +432,13 @@ class _Checker:
         if first != path:
             self.add(path, "warning", "duplicate", f"same bytes as {self.rel(first)} (trains that image twice)")
 
-    def pixels(self, path: Path) -> None:
+    def pixels(self, path: Path, data: bytes | None = None) -> None:
+        """Decode the image at path (or data, a shard member's bytes, whose problems name path)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's other warnings are about pixels training converts anyway
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                with Image.open(path) as im:
+                with Image.open(path if data is None else io.BytesIO(data)) as im:
                     self.geometry(path, im.size, bool(getattr(im, "is_animated", False)))
                     im.load()
                     mode = im.mode
@@ -491,7 +454,7 @@ class _Checker:
             if mode not in ("RGB", "L"):
                 try:
                     with quiet_folder_log():
-                        load_image(path)
+                        load_image(path if data is None else io.BytesIO(data))
                 except DataError:
                     self.add(path, "error", "unreadable", f"cannot convert {mode} pixels to RGB")
 
@@ -501,10 +464,13 @@ class _Checker:
         if cap is not None and w * h > cap:
             raise Image.DecompressionBombError(f"Image size ({w * h} pixels) exceeds limit of {cap} pixels")
         short, long = min(w, h), max(w, h)
-        if short < self.opts.min_resolution:
+        if self.is_reference(path):  # the pipeline's limits for an `image=` input, not the target's
+            for code, why in reference_geometry(w, h):
+                self.add(path, "error", code, why)
+        elif short < self.opts.min_resolution:
             why = f"{w}x{h}: short side {short} px is under --min-resolution {self.opts.min_resolution}"
             self.add(path, "error", "too-small", why)
-        if short > 0 and long / short > self.opts.max_aspect:
+        if not self.is_reference(path) and short > 0 and long / short > self.opts.max_aspect:
             why = f"{w}x{h}: aspect ratio {long / short:.1f}:1 is over --max-aspect {self.opts.max_aspect:g}"
             self.add(path, "warning", "extreme-aspect", why + " (heavily cropped or squeezed into a bucket)")
         if animated:
@@ -557,7 +523,7 @@ class _Checker:
             self.add(where, "warning", "caption-too-long", why)
 
     def orphans(self, entries: list[Path]) -> None:
-        expected = {p.with_suffix(CAPTION_SUFFIX) for p in self.images}
+        expected = {p.with_suffix(CAPTION_SUFFIX) for p in [*self.images, *self.refs.files]}
         for path in entries:
             if path.suffix != CAPTION_SUFFIX or path in expected or path.is_symlink():
                 continue
@@ -589,6 +555,9 @@ def validate_dataset(
     entries, checker.problems = walk(root)
     metadata, meta_problems = read_metadata(root)
     checker.problems += meta_problems
+    images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and is_regular(p)]
+    checker.refs = find_references(root, images, set(metadata))
+    checker.problems += [Problem(*found) for found in checker.refs.problems]
     for path in tqdm(entries, desc="validate", unit="file", disable=None, leave=False):
         try:
             checker.entry(path, metadata)
@@ -596,10 +565,13 @@ def validate_dataset(
             checker.add(path, "error", "unreadable", f"unexpected {type(e).__name__}: {e}")
     checker.orphans(entries)
     problems = sorted(checker.problems, key=lambda p: p.path.relative_to(root).as_posix() if p.path != root else "")
-    report = Report(root=root, problems=problems, n_images=len(checker.images))
+    refs = {image: checker.refs.of[image] for image in checker.images if image in checker.refs.of}
+    report = Report(root, problems, len(checker.images), references=refs, reference_files=checker.refs.files)
     flagged = {p.path for p in problems}
     report.n_ok = sum(
-        image not in flagged and (image in metadata or image.with_suffix(CAPTION_SUFFIX) not in flagged)
+        image not in flagged
+        and (image in metadata or image.with_suffix(CAPTION_SUFFIX) not in flagged)
+        and not flagged.intersection(refs.get(image, ()))
         for image in checker.images
     )
     return report
@@ -614,9 +586,11 @@ def format_report(report: Report) -> str:
     lines = []
     for p in report.problems:
         lines.append(f"{'ERROR' if p.severity == 'error' else 'WARNING':<7} {report.rel(p.path)}: {p.reason}")
+    n_refs = sum(map(len, report.references.values()))
     lines.append(
         f"{plural(report.n_images, report.unit)}: {report.n_ok} ok, "
-        f"{plural(report.n_errors, 'error')}, {plural(report.n_warnings, 'warning')}"
+        + (f"{len(report.references)} with references ({plural(n_refs, 'reference image')}), " if n_refs else "")
+        + f"{plural(report.n_errors, 'error')}, {plural(report.n_warnings, 'warning')}"
         + (f"; {report.advice}" if report.advice and report.has_errors else "")
     )
     return "\n".join(lines)
