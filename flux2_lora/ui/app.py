@@ -17,15 +17,18 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError, UsageError
+from ..errors import DataError, RecipeError, UsageError
 from ..recipe import parse_recipe, presets
 from ..resources import recipes_dir
 from .jobs import Job, JobManager
-from .paths import Roots, UiError
+from .paths import DATASETS, Roots, UiError
 from .views import (
     checkpoint_label,
     checkpoints,
+    dataset_entries,
     problem_rows,
+    recipe_value,
+    reference_summary,
     run_view,
     stamp,
     sweep_view,
@@ -117,6 +120,19 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _data_facts(root: Path) -> str:
+    """What training reads from a dataset folder: its items, and how many carry reference images."""
+    if root.is_file() or (root / "index.json").is_file():
+        return f"`{root.name}`: {'a shard' if root.is_file() else 'a cache folder'}, read as it is"
+    entries, refused = dataset_entries(root)
+    if refused:
+        return f"**Training would refuse this folder:** {refused}"
+    text = f"training reads {reference_summary(entries)}"
+    if any(e.references for e in entries):
+        text += ": an editing dataset (each caption is the instruction, the image the result)"
+    return text
+
+
 def _progress_html(fraction: float, text: str) -> str:
     pct = max(0.0, min(1.0, fraction)) * 100
     return (
@@ -132,6 +148,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
     work = state_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     image_folders = roots.folders_with("images")  # walked once for the three dataset pickers
+    train_data = [*DATASETS, *image_folders]  # the trainer reads a folder's references itself
 
     def picker(choices: list[str], label: str, elem_id: str, scale: int | None = None) -> Any:
         """A folder picker: the folders found under the roots, any other path typed (checked when used)."""
@@ -148,7 +165,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         # ------------------------------------------------------------------------------------------- Dataset
         with gr.Tab("Dataset", id="dataset"):
             with gr.Row():
-                ds_path = picker(image_folders, "Dataset folder", "ds-path", scale=4)
+                ds_path = picker([*image_folders, *DATASETS], "Dataset folder", "ds-path", scale=4)
                 ds_min_res = gr.Number(value=256, label="Smallest short side (px)", elem_id="ds-min-res", min_width=140)
                 ds_check = gr.Button("Check", variant="primary", elem_id="ds-check")
             with gr.Row():
@@ -164,34 +181,38 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                     label="Histograms", show_label=False, type="filepath", elem_id="ds-hist", interactive=False
                 )
                 ds_stats = gr.Textbox(label="Statistics", lines=16, elem_id="ds-stats")
-            ds_gallery = gr.Gallery(label="Images and captions", columns=6, height=420, elem_id="ds-gallery")
+            ds_gallery = gr.Gallery(
+                label="Images and captions (an item with references: references -> target)", columns=6, height=420,
+                object_fit="contain", elem_id="ds-gallery",
+            )  # fmt: skip
 
             def check(path: str, min_res: Any) -> tuple[Any, ...]:
                 from ..data.analyze import analyze_dataset, format_analysis, plot_analysis
-                from ..data.folder import DataError
                 from ..data.validate import validate_dataset
 
                 try:
-                    root = Path(roots.resolve(path, "dataset"))
+                    root, builtin = roots.dataset(path)
                     report = validate_dataset(root, min_resolution=int(min_res or 0))
                     stats = analyze_dataset(root)
                 except (UiError, DataError) as e:
                     return _error(e), [], None, "", []
                 hist = plot_analysis(stats, work / f"analysis-{stamp()}.png")
                 summary = (
-                    f"**{root}**: {report.n_images} images, {report.n_ok} ok, {report.n_errors} errors, "
-                    f"{report.n_warnings} warnings"
+                    f"**{path.strip() if builtin else root}**: {report.n_images} images, {report.n_ok} ok, "
+                    f"{report.n_errors} errors, {report.n_warnings} warnings"
                     + (" — fix them or write a fixed copy below" if report.problems else " — ready to train")
+                    + "\n\n"
+                    + _data_facts(root)
                 )
-                return summary, problem_rows(report), str(hist), format_analysis(stats), thumbnails(root)
+                gallery = thumbnails(root, tile_dir=work / "tiles", copy_plain=builtin)
+                return summary, problem_rows(report), str(hist), format_analysis(stats), gallery
 
             def fix(path: str, min_res: Any, out: str) -> str:
                 from ..data.fix import fix_dataset
-                from ..data.folder import DataError
                 from ..data.validate import validate_dataset
 
                 try:
-                    root = roots.resolve(path, "dataset")
+                    root = str(roots.dataset(path)[0])
                     target = roots.resolve(out, "fixed copy", must_exist=False)
                     lines = fix_dataset(root, target, validate_dataset(root, min_resolution=int(min_res or 0)))
                 except (UiError, DataError) as e:
@@ -207,10 +228,11 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 tr_preset = gr.Dropdown(presets(), value="tiny", label="Preset", elem_id="tr-preset")
                 tr_config = gr.Textbox(label="Recipe file (instead of the preset)", elem_id="tr-config")
             with gr.Row():
-                tr_dataset = picker(["builtin:sample", *image_folders], "Dataset", "tr-dataset")
+                tr_dataset = picker(train_data, "Dataset", "tr-dataset")
                 tr_output = gr.Textbox(
                     value=str(roots.folders[0] / "runs" / "ui"), label="Output folder", elem_id="tr-output"
                 )
+            tr_data = gr.Markdown(elem_id="tr-data")
             fields = []
             with gr.Row():
                 for label, name, kind in TRAIN_FIELDS:
@@ -277,17 +299,28 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 return _job_state(job), _progress_html(v.fraction, text), v.loss_png, v.samples, lora, job.log_tail()
 
             def fill_from_job(job_id: str | None, preset: str, config: str) -> list[Any]:
-                """After a reload: the attached run's own output folder and values, else the preset's."""
+                """After a reload: the attached run's own output folder, dataset and values, else the preset's."""
                 job = jobs.get(job_id)
                 recipe = Path(job.output) / "recipe.yaml" if job is not None else None
                 if job is None or recipe is None or not recipe.exists():
-                    return [gr.skip(), *fill(preset, config)]
+                    return [gr.skip(), gr.skip(), *fill(preset, config)]
+                dataset = recipe_value(recipe.parent, "data.dataset") or gr.skip()
                 try:
-                    return [job.output, *_recipe_values(None, str(recipe), Roots((recipe.parent,)))]
+                    return [job.output, dataset, *_recipe_values(None, str(recipe), Roots((recipe.parent,)))]
                 except (UiError, UsageError, RecipeError):
-                    return [job.output] + [gr.skip()] * len(TRAIN_FIELDS)
+                    return [job.output, dataset] + [gr.skip()] * len(TRAIN_FIELDS)
+
+            def data_facts(dataset: str | None) -> str:
+                if not (dataset or "").strip():
+                    return ""
+                try:
+                    root, _ = roots.dataset(dataset)
+                except (UiError, DataError) as e:
+                    return _error(e)
+                return _data_facts(root)
 
             gr.on([tr_preset.change, tr_config.submit], fill, [tr_preset, tr_config], fields)
+            tr_dataset.change(data_facts, [tr_dataset], [tr_data])
             tr_start.click(
                 start_training,
                 [tr_preset, tr_config, tr_dataset, tr_output, tr_extra, *fields],
@@ -402,7 +435,7 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         with gr.Tab("Optimization", id="optimization"):
             with gr.Row():
                 op_preset = gr.Dropdown(presets(), value="tiny", label="Preset", elem_id="op-preset")
-                op_dataset = picker(["builtin:sample", *image_folders], "Dataset", "op-dataset")
+                op_dataset = picker(train_data, "Dataset", "op-dataset")
                 op_output = gr.Textbox(value=str(roots.folders[0] / "sweeps" / "ui"), label="Output folder",
                                        elem_id="op-output")  # fmt: skip
             with gr.Row():
@@ -480,8 +513,8 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
             return tuple(j.id if j else None for j in found)
 
         app.load(reattach, None, [train_job, eval_job, tune_job]).then(
-            fill_from_job, [train_job, tr_preset, tr_config], [tr_output, *fields]
-        )
+            fill_from_job, [train_job, tr_preset, tr_config], [tr_output, tr_dataset, *fields]
+        ).then(data_facts, [tr_dataset], [tr_data])
     return app
 
 

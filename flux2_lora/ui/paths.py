@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import BUILTIN_DATASETS
 from ..data.folder import IMAGE_EXTENSIONS
 
-# Values that name built-in data rather than a folder.
-BUILTINS = ("builtin:sample", "builtin:tiny-dev", "builtin:tiny-klein")
+# Values that name built-in data rather than a folder: the generated datasets, then the tiny models.
+DATASETS = BUILTIN_DATASETS
+BUILTINS = (*DATASETS, "builtin:tiny-dev", "builtin:tiny-klein")
 
 
 class UiError(Exception):
@@ -59,6 +61,18 @@ class Roots:
         if must_exist and not p.exists():
             raise UiError(f"{field}: {p} does not exist")
         return str(p)
+
+    def dataset(self, text: str | None, field: str = "dataset") -> tuple[Path, bool]:
+        """(folder, built in) for a dataset picked in the page: a folder inside the roots, or a generated dataset
+        (`builtin:sample`, `builtin:edit`: made once, read from the package's cache folder)."""
+        value = (text or "").strip()
+        if value in DATASETS:
+            from ..data.sample import resolve_dataset
+
+            return resolve_dataset(value), True
+        if value.startswith("builtin:"):
+            raise UiError(f"{field}: {value} is not a built-in dataset ({', '.join(DATASETS)})")
+        return Path(self.resolve(value, field)), False
 
     def folders_with(self, predicate: str, depth: int = 3, limit: int = 200) -> list[str]:
         """Folders under the roots (depth-limited, hidden ones skipped) that hold images (`images`) or a training

@@ -18,6 +18,7 @@ import yaml
 
 from ..data.folder import IMAGE_EXTENSIONS
 from ..data.validate import find_caption, read_metadata
+from ..errors import DataError
 from ..plots import loss_plot
 
 # ---------------------------------------------------------------------------------------------------- dataset
@@ -28,20 +29,128 @@ def problem_rows(report: Any) -> list[list[str]]:
     return [[p.severity, report.rel(p.path), p.code, p.reason] for p in report.problems]
 
 
-def thumbnails(root: Path, limit: int = 48) -> list[tuple[str, str]]:
-    """(image path, caption) for the first `limit` images in file order; the caption the trainer would read."""
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One thing the trainer reads: a target image, its caption ("" when it has none) and its references."""
+
+    image: Path
+    caption: str
+    references: tuple[Path, ...] = ()
+
+
+def dataset_entries(root: Path) -> tuple[list[DatasetEntry], str | None]:
+    """The dataset's items as training reads them (scan_folder: references joined to their targets), and None; on
+    a folder training refuses (a bad metadata.jsonl, a reference without its target), every image as an entry of its
+    own, with the refusal's one line. A missing caption is shown, not refused: `data validate` reports it."""
+    from ..data.folder import scan_folder
+
+    try:
+        items = scan_folder(root, instance_prompt="")
+    except DataError as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        return [DatasetEntry(i.image, i.caption, tuple(i.references)) for i in items], None
     metadata, _ = read_metadata(root)
-    out: list[tuple[str, str]] = []
-    for p in sorted(root.rglob("*")):
-        if len(out) >= limit:
-            break
+    out: list[DatasetEntry] = []
+    for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
         rel = p.relative_to(root)
         if p.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in rel.parts):
             continue
-        if not p.is_file():
+        if p.is_symlink() or not p.is_file():
             continue
-        caption = find_caption(p, metadata, root).text
-        out.append((str(p), f"{rel.as_posix()}: {caption}" if caption else f"{rel.as_posix()}: (no caption)"))
+        try:
+            caption = find_caption(p, metadata, root).text or ""
+        except (OSError, UnicodeDecodeError):
+            caption = ""
+        out.append(DatasetEntry(p, caption))
+    return out, why
+
+
+def reference_summary(entries: list[DatasetEntry]) -> str:
+    """'12 items, 12 with references (8 with 1, 4 with 2)' or '12 items, none with references'."""
+    counts: dict[int, int] = {}
+    for e in entries:
+        if e.references:
+            counts[len(e.references)] = counts.get(len(e.references), 0) + 1
+    text = f"{len(entries)} item{'' if len(entries) == 1 else 's'}, "
+    if not counts:
+        return text + "none with references"
+    n = sum(counts.values())
+    text += f"{'all' if n == len(entries) and n > 1 else n} with references"
+    if len(counts) > 1 or n != len(entries):
+        text += " (" + ", ".join(f"{c} with {k}" for k, c in sorted(counts.items())) + ")"
+    else:
+        text += f" ({next(iter(counts))} each)"
+    return text
+
+
+def entry_caption(entry: DatasetEntry, root: Path) -> str:
+    """The gallery line: `rel: caption`, then the references by name when there are any."""
+    rel = entry.image.relative_to(root).as_posix()
+    text = f"{rel}: {entry.caption or '(no caption)'}"
+    if entry.references:
+        k = len(entry.references)
+        names = ", ".join(r.relative_to(root).as_posix() for r in entry.references)
+        text += f" — {k} reference{'' if k == 1 else 's'}: {names}"
+    return text
+
+
+TILE = 192  # the height of a gallery tile drawn here
+
+
+def _tile(entry: DatasetEntry, out_dir: Path) -> Path:
+    """A picture of one item: its references small on the left, an arrow, then the target (a plain item: the
+    target alone). Drawn once per set of files: the name hashes their paths, sizes and times."""
+    import uuid
+
+    from PIL import Image, ImageDraw, ImageOps
+
+    from ..data.folder import load_image
+
+    files = [entry.image, *entry.references]
+    stamp_of = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    path = out_dir / f"tile-{hashlib.sha1(stamp_of.encode()).hexdigest()[:16]}.png"
+    if path.exists():
+        return path
+    target = ImageOps.contain(load_image(entry.image), (2 * TILE, TILE))
+    k, pad = len(entry.references), 4
+    rows = 1 if k <= 1 else 2 if k <= 4 else 3
+    small = (TILE - pad * (rows - 1)) // rows if rows > 1 else TILE // 2
+    left = -(-k // rows) * (small + pad)
+    arrow = 24 if k else 0
+    canvas = Image.new("RGB", (left + arrow + target.width, TILE), (236, 236, 236))
+    for i, ref in enumerate(entry.references):
+        im = ImageOps.contain(load_image(ref), (small, small))
+        x = (i // rows) * (small + pad) + (small - im.width) // 2
+        y = ((i % rows) * (small + pad) if rows > 1 else (TILE - small) // 2) + (small - im.height) // 2
+        canvas.paste(im, (x, y))
+    if k:
+        mid, x0 = TILE // 2, left + 2
+        ImageDraw.Draw(canvas).polygon([(x0, mid - 8), (x0 + arrow - 6, mid), (x0, mid + 8)], fill=(90, 90, 90))
+    canvas.paste(target, (left + arrow, (TILE - target.height) // 2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{path.stem}-{uuid.uuid4().hex[:8]}.png"  # two pages drawing one tile never mix
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def thumbnails(
+    root: Path, limit: int = 48, tile_dir: Path | None = None, copy_plain: bool = False
+) -> list[tuple[str, str]]:
+    """(picture, caption) for the first `limit` items in file order, with the caption the trainer would read and the
+    item's references named. With `tile_dir`, an item with references is drawn there as references -> target (and
+    so is every item when `copy_plain`: a folder the browser may not read, such as a built-in dataset's)."""
+    entries, _ = dataset_entries(root)
+    out: list[tuple[str, str]] = []
+    for e in entries[:limit]:
+        picture = str(e.image)
+        if tile_dir is not None and (e.references or copy_plain):
+            try:
+                picture = str(_tile(e, tile_dir))
+            except (OSError, DataError):
+                pass  # an unreadable file: validate names it; the gallery shows what it can
+        out.append((picture, entry_caption(e, root)))
     return out
 
 
@@ -74,6 +183,11 @@ def dotted(recipe: dict[str, Any], name: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def recipe_value(out: Path, name: str) -> Any:
+    """A dotted field of a run's recorded recipe.yaml (None when the file or the field is missing)."""
+    return dotted(_recipe(out), name)
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 The app runs as its own process on a free port with one allowed folder (tmp). The tests run in order on that one
 app: check the sample dataset, train the tiny model from the Training tab (watching progress and the loss plot
-update, reloading the page mid-run), compare two of its checkpoints, and look at the Optimization tab. Each test
-saves a screenshot of its tab in build/ui-screenshots/. Processes started here (the app, and the jobs it started,
-found in its state folder) are stopped by pid at the end.
+update, reloading the page mid-run), compare two of its checkpoints, train on the built-in editing dataset and see
+its references in the Dataset tab, and look at the Optimization tab. Each test saves a screenshot of its tab in
+build/ui-screenshots/. Processes started here (the app, and the jobs it started, found in its state folder) are
+stopped by pid at the end.
 
 Needs playwright (pip) and /usr/bin/chromium (Debian's `chromium` package; `.ci/run` installs it). Without them the
 tests skip, unless FLUX2_LORA_REQUIRE_BROWSER=1 (set by CI), where they fail.
@@ -220,6 +221,61 @@ def test_evaluation_tab_compares_two_checkpoints(app: dict[str, Any]) -> None:
     assert [r["label"] for r in compare["rows"]] == ["step-20", "step-40"]
     assert compare["seeds"] == [0, 1] and compare["settings"]["steps"] == 2
     page.screenshot(path=str(SHOTS / "evaluation.png"), full_page=True)
+
+
+def _pick(page: Any, elem_id: str, option: str) -> None:
+    """Choose `option` from a dropdown's list (as a user does: open it, click the entry)."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_training_tab_trains_an_edit_dataset_and_the_dataset_tab_shows_its_references(app: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    _tab(page, "Training")
+    _pick(page, "tr-dataset", "builtin:edit")  # offered next to builtin:sample
+    expect(page.locator("#tr-data")).to_contain_text("12 items, all with references (8 with 1, 4 with 2)")
+    out = root / "runs" / "edit"
+    _fill(page, "tr-output", str(out))
+    for name, value in {"max-steps": "10", "every-n-steps": "5", "checkpoint-every": "10", "log-every": "2"}.items():
+        _fill(page, f"tr-{name}", value)
+    _fill(page, "tr-extra", "")
+    page.locator("#tr-start").click()
+    expect(page.locator("#tr-message")).to_contain_text("started train job")
+    job_id = page.locator("#tr-message").inner_text().split()[3].rstrip(":")
+    # This job's own line: the page showed the earlier run's "finished" until the new job was attached.
+    expect(page.locator("#tr-status")).to_contain_text(f"train job {job_id}: finished", timeout=300_000)
+    expect(page.locator("#train-progress-text")).to_contain_text("step 10 of 10 (100%)")
+    import yaml
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["data"]["dataset"] == "builtin:edit"
+    link = page.locator("#tr-lora a").first
+    expect(link).to_be_visible()
+    from safetensors.torch import load
+
+    body = page.request.get(link.get_attribute("href")).body()
+    assert body == (out / "lora.safetensors").read_bytes() and load(body)
+    page.screenshot(path=str(SHOTS / "training-edit.png"), full_page=True)
+    # A reload finds the edit run again, its dataset included.
+    page.reload()
+    _tab(page, "Training")
+    expect(page.locator("#tr-dataset input").first).to_have_value("builtin:edit")
+    expect(page.locator("#tr-data")).to_contain_text("all with references")
+
+    _tab(page, "Dataset")
+    _pick(page, "ds-path", "builtin:edit")
+    _fill(page, "ds-min-res", "64")
+    page.locator("#ds-check").click()
+    expect(page.locator("#ds-status")).to_contain_text("training reads 12 items, all with references")
+    expect(page.locator("#ds-gallery img")).to_have_count(12)  # one picture per item: references -> target
+    gallery = page.locator("#ds-gallery")
+    expect(gallery).to_contain_text("000.png: make the circle")
+    expect(gallery).to_contain_text(
+        "002.png: paint the triangle in the colour of the second image — 2 references: 002_ref0.png, 002_ref1.png"
+    )
+    page.screenshot(path=str(SHOTS / "dataset-edit.png"), full_page=True)
 
 
 def test_optimization_tab_refuses_an_output_outside_the_roots(app: dict[str, Any]) -> None:

@@ -18,7 +18,15 @@ from flux2_lora.ui import jobs as jobs_mod
 from flux2_lora.ui.app import is_loopback, read_auth
 from flux2_lora.ui.jobs import JobManager
 from flux2_lora.ui.paths import Roots, UiError
-from flux2_lora.ui.views import checkpoints, run_view, sweep_view
+from flux2_lora.ui.views import (
+    checkpoints,
+    dataset_entries,
+    recipe_value,
+    reference_summary,
+    run_view,
+    sweep_view,
+    thumbnails,
+)
 
 
 def test_paths_must_stay_inside_the_allowed_roots(tmp_path: Path) -> None:
@@ -63,6 +71,85 @@ def test_pickers_list_only_folders_inside_the_roots(tmp_path: Path) -> None:
     roots = Roots.of([root])
     assert roots.folders_with("images") == [str(root / "set1")]
     assert roots.folders_with("run") == [str(run)]
+
+
+def _edit_folder(root: Path) -> Path:
+    """a.png with two references beside it, b.png plain, c.png with one in references/ and no caption."""
+    from PIL import Image
+
+    (root / "references").mkdir(parents=True)
+    for name, size in (("a.png", (40, 20)), ("a_ref0.png", (20, 20)), ("a_ref1.png", (20, 40)), ("b.png", (20, 20)),
+                       ("c.png", (30, 30)), ("references/c_ref0.png", (30, 30))):  # fmt: skip
+        Image.new("RGB", size, (200, 30, 30)).save(root / name)
+    (root / "a.txt").write_text("make the square blue\n")
+    (root / "b.txt").write_text("a plain picture\n")
+    return root
+
+
+def test_dataset_view_lists_each_target_with_its_references(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = _edit_folder(tmp_path / "edit")
+    entries, refused = dataset_entries(root)
+    assert refused is None  # a missing caption is shown, not refused (validate reports it)
+    assert [(e.image.name, e.caption, [r.name for r in e.references]) for e in entries] == [
+        ("a.png", "make the square blue", ["a_ref0.png", "a_ref1.png"]),
+        ("b.png", "a plain picture", []),
+        ("c.png", "", ["c_ref0.png"]),
+    ]
+    assert reference_summary(entries) == "3 items, 2 with references (1 with 1, 1 with 2)"
+    assert reference_summary(entries[:1]) == "1 item, 1 with references (2 each)"
+    assert reference_summary(entries[1:2]) == "1 item, none with references"
+
+    tiles = tmp_path / "tiles"
+    shown = thumbnails(root, tile_dir=tiles)
+    assert [caption for _, caption in shown] == [
+        "a.png: make the square blue — 2 references: a_ref0.png, a_ref1.png",
+        "b.png: a plain picture",
+        "c.png: (no caption) — 1 reference: references/c_ref0.png",
+    ]
+    # An item with references is drawn as one picture (references, arrow, target); a plain one is the file itself.
+    a_tile, b_pic, c_tile = (Path(p) for p, _ in shown)
+    assert a_tile.parent == tiles and c_tile.parent == tiles and b_pic == root / "b.png"
+    with Image.open(a_tile) as im:
+        assert im.height == 192 and im.width > 2 * 192  # two rows of references, then the 2:1 target at full height
+    assert thumbnails(root, tile_dir=tiles)[0][0] == str(a_tile)  # drawn once
+    assert sorted(p.name for p in tiles.iterdir()) == sorted([a_tile.name, c_tile.name])
+    # A folder the browser may not read (a built-in dataset): every item is drawn inside the tile folder.
+    assert all(Path(p).parent == tiles for p, _ in thumbnails(root, tile_dir=tiles, copy_plain=True))
+    assert [p for p, _ in thumbnails(root)] == [str(root / n) for n in ("a.png", "b.png", "c.png")]
+
+    # A folder training refuses (a reference without its target, and no caption of its own): every image is listed
+    # on its own, with the refusal's line.
+    Image.new("RGB", (8, 8)).save(root / "d_ref0.png")
+    entries, refused = dataset_entries(root)
+    assert refused is not None and "d_ref0.png: a reference image without its target" in refused
+    assert [e.image.name for e in entries] == ["a.png", "a_ref0.png", "a_ref1.png", "b.png", "c.png", "d_ref0.png",
+                                               "c_ref0.png"]  # fmt: skip
+    assert not any(e.references for e in entries) and entries[0].caption == "make the square blue"
+
+
+def test_the_pickers_offer_the_built_in_datasets(tmp_path: Path, home: Path) -> None:
+    from flux2_lora.ui.app import _data_facts
+
+    roots = Roots.of([tmp_path])
+    folder, builtin = roots.dataset("builtin:edit")
+    assert builtin and folder == home / "data" / "edit"
+    assert _data_facts(folder) == (
+        "training reads 12 items, all with references (8 with 1, 4 with 2): an editing dataset "
+        "(each caption is the instruction, the image the result)"
+    )
+    assert _data_facts(roots.dataset("builtin:sample")[0]) == "training reads 12 items, none with references"
+    assert roots.resolve("builtin:edit", "data.dataset", allow_builtin=True) == "builtin:edit"
+    with pytest.raises(UiError, match="builtin:tiny-dev is not a built-in dataset"):
+        roots.dataset("builtin:tiny-dev")
+    with pytest.raises(UiError, match="outside the folders"):
+        roots.dataset(str(home))
+    own = _edit_folder(tmp_path / "mine")
+    assert roots.dataset(str(own)) == (own, False)
+    assert _data_facts(own).startswith("training reads 3 items, 2 with references (1 with 1, 1 with 2)")
+    (own / "d_ref0.png").write_bytes((own / "b.png").read_bytes())
+    assert _data_facts(own).startswith("**Training would refuse this folder:** ")
 
 
 @pytest.fixture
@@ -161,6 +248,7 @@ def test_run_view_reads_progress_eta_plot_and_checkpoints(tmp_path: Path) -> Non
     assert "ETA" not in v.progress_text("finished")
     assert v.loss_png is not None and Path(v.loss_png).stat().st_size > 0
     assert v.lora is None
+    assert recipe_value(out, "training.max_steps") == 100 and recipe_value(out, "data.dataset") is None
     assert [Path(p).parent.name for p in v.checkpoints] == ["step-10", "step-20"]
     (out / "lora.safetensors").write_bytes(b"x")
     assert checkpoints(out)[-1] == str(out / "lora.safetensors")
