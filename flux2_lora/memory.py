@@ -228,6 +228,7 @@ class Setup:
     blocks_to_swap: int = 0
     text_encoder_quantize: str = "none"  # cache stage only
     shards: int = 1  # GPUs that fully shard parameters, gradients and optimizer state (fsdp, zero3)
+    reference_tokens: int = 0  # editing: the reference tokens of the largest sample, after the target's
 
     @classmethod
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
@@ -304,8 +305,10 @@ def build_meta_transformer(config: dict[str, Any], dtype: torch.dtype) -> Any:
 
 
 def simulate_step(transformer: Any, setup: Setup) -> tuple[int, int]:
-    """(bytes alive before, peak bytes during) one forward + backward of the training loss, on meta tensors."""
-    from .flow import flow_loss, latent_ids, text_ids
+    """(bytes alive before, peak bytes during) one forward + backward of the training loss, on meta tensors.
+
+    An editing sample's references join the sequence as `setup.reference_tokens` clean tokens after the target's."""
+    from .flow import flow_loss, latent_ids, reference_ids, text_ids
 
     cfg = transformer.config
     side = setup.resolution // 16  # VAE /8, then 2x2 patchify
@@ -316,13 +319,16 @@ def simulate_step(transformer: Any, setup: Setup) -> tuple[int, int]:
         embeds = torch.randn(b, setup.text_tokens, cfg.joint_attention_dim)
         sigmas = torch.rand(b)
         guidance = torch.full((b,), 4.0) if cfg.guidance_embeds else None
+        refs = torch.randn(b, setup.reference_tokens, cfg.in_channels) if setup.reference_tokens else None
     img_ids, txt_ids = latent_ids(b, side, side, dev), text_ids(b, setup.text_tokens, dev)
+    if refs is not None:
+        img_ids = torch.cat([img_ids, reference_ids([(1, setup.reference_tokens)], b, dev)], dim=1)
     mem = TensorMemory()
     mem.track(list(transformer.parameters()), list(transformer.buffers()))
-    mem.track(latents, noise, embeds, sigmas, guidance, img_ids, txt_ids)
+    mem.track(latents, noise, embeds, sigmas, guidance, img_ids, txt_ids, refs)
     before = mem.current
     with flash_attention_on_meta(), mem:
-        loss = flow_loss(transformer, latents, embeds, sigmas, noise, img_ids, txt_ids, guidance)
+        loss = flow_loss(transformer, latents, embeds, sigmas, noise, img_ids, txt_ids, guidance, references=refs)
         loss.backward()
     return before, mem.peak
 

@@ -91,10 +91,52 @@ def sharding(shape: ModelShape, setup: Setup, gpu_gib: float) -> tuple[int, Esti
     return None
 
 
+def dataset_references(recipe: Any) -> tuple[int, str]:
+    """(tokens, how) of the largest sample's references in the recipe's dataset (a folder or a cache), after
+    data.max_references and data.max_reference_pixels; (0, "") without references or a dataset to look at.
+
+    Image sizes are read from the file headers; raw shards are not scanned (their references are not counted)."""
+    from PIL import Image
+
+    from .data.cache import read_index_json
+    from .data.folder import scan_folder
+    from .data.sample import resolve_dataset
+    from .data.shards import is_shard_spec
+    from .errors import DataError
+    from .flow import reference_size
+
+    d = recipe.data
+    spec = d.dataset or ""
+    try:
+        if not spec or is_shard_spec(spec):
+            return 0, ""
+        root = Path(spec).expanduser() if not spec.startswith("builtin:") else resolve_dataset(spec)
+        if (root / "index.json").exists():
+            index = read_index_json(root)
+            sizes = [list(r) for info in index.train + index.val for r in (info.references or [])]
+        else:
+            sizes = []
+            for item in scan_folder(root, d.instance_prompt):
+                with_sizes = []
+                for p in item.references:
+                    with Image.open(p) as im:
+                        with_sizes.append(reference_size(im.width, im.height, d.max_reference_pixels))
+                sizes.append(with_sizes)
+    except (DataError, OSError):
+        return 0, ""  # `data validate` and `train` report the dataset's problems; the plan counts what it can
+    tokens = [sorted(((w // 16) * (h // 16) for w, h in refs), reverse=True)[: d.max_references] for refs in sizes]
+    largest = max(tokens, key=sum, default=[])
+    if not largest:
+        return 0, ""
+    return sum(largest), f"{len(largest)} reference(s) of the dataset's largest editing sample"
+
+
 def report(recipe: Any, gpu_gib: float | None) -> str:
     """The plan as text: the breakdown, the verdict for this GPU (or common GPUs), and what to change."""
     shape = model_shape(recipe.model.name_or_path)
     setup = Setup.from_recipe(recipe, on_gpu=True)
+    refs = dataset_references(recipe)
+    setup = dataclasses.replace(setup, reference_tokens=refs[0])
     est = estimate(shape, setup)
     other = estimate(shape, dataclasses.replace(setup, gradient_checkpointing=not setup.gradient_checkpointing,
                                                 checkpoint_every=1))  # fmt: skip
@@ -107,7 +149,8 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
         f"model {shape.name} (FLUX.2 {shape.family}): {human_count(est.params['frozen'])} transformer parameters, "
         f"LoRA rank {setup.rank} on {setup.targets}: {human_count(est.params['lora'])} trainable",
         f"one training process, {setup.resolution}px, batch {setup.batch_size}, {setup.text_tokens} text tokens, "
-        f"{setup.dtype} weights (text encoder and VAE sizes: {shape.counted}):",
+        + (f"{refs[0]} reference tokens ({refs[1]}), " if refs[0] else "")
+        + f"{setup.dtype} weights (text encoder and VAE sizes: {shape.counted}):",
         *table,
     ]
     enc = sum(est.cache_stage.values()) / GiB + 0.5

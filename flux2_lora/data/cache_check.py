@@ -39,6 +39,9 @@ from .cache_index import (
 )
 from .shards import CACHE_MEMBERS
 
+Refs = tuple[tuple[int, int], ...]  # a sample's reference sizes (width, height)
+Group = tuple[tuple[int, int], Refs]  # a bucket and the reference sizes of its samples
+
 # safetensors dtypes and their sizes in bytes
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -258,18 +261,30 @@ class _Expect:
     dim: int | None = None  # prompt embedding width (extra.safetensors)
     channels: int | None = None
     dtypes: dict[str, str] = field(default_factory=dict)
-    sizes: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # bucket -> (bytes, a sample's key)
+    sizes: dict[Group, tuple[int, str]] = field(default_factory=dict)  # group -> (bytes, a sample's key)
 
     @classmethod
     def of(cls, index: CacheIndex) -> _Expect:
         st = index.settings
         return cls(st["max_sequence_length"], st["random_flip"], {(b[0], b[1]) for b in st["buckets"]})
 
-    def tensors(self, tensors: dict[str, tuple[str, list[int]]], w: int, h: int) -> None:
-        """_Bad when a sample's tensors are not those of a (w, h) sample of this cache."""
+    def tensors(self, tensors: dict[str, tuple[str, list[int]]], w: int, h: int, refs: Refs = ()) -> None:
+        """_Bad when a sample's tensors are not those of a (w, h) sample of this cache with references of sizes refs."""
         want = {"latents", "prompt_embeds"} | ({"latents_flip"} if self.flip else set())
+        want |= {f"ref.{n}" for n in range(len(refs))} | (
+            {f"ref_flip.{n}" for n in range(len(refs))} if self.flip else set()
+        )
         if set(tensors) != want:
-            raise _Bad(f"it holds tensors {sorted(tensors)}, a sample of this cache {sorted(want)}")
+            listed = f" (index.json lists {len(refs)} reference(s))" if refs or any("ref" in t for t in tensors) else ""
+            raise _Bad(f"it holds tensors {sorted(tensors)}, a sample of this cache {sorted(want)}{listed}")
+        for n, (rw, rh) in enumerate(refs):
+            for name in (f"ref.{n}", f"ref_flip.{n}") if self.flip else (f"ref.{n}",):
+                got = tensors[name][1]
+                if len(got) != 3 or got[1:] != [rh // MULTIPLE, rw // MULTIPLE]:
+                    raise _Bad(
+                        f"index.json lists its reference {n} as {rw}x{rh}, whose latents are C x {rh // MULTIPLE} x "
+                        f"{rw // MULTIPLE}; its {name} are {_shape(got)}"
+                    )
         lat = tensors["latents"][1]
         if len(lat) != 3 or lat[1:] != [h // MULTIPLE, w // MULTIPLE]:
             found = f" (a {lat[2] * MULTIPLE}x{lat[1] * MULTIPLE} sample)" if len(lat) == 3 else ""
@@ -311,7 +326,9 @@ def _check_extra(root: Path, expect: _Expect) -> None:
         raise CacheCorrupt(root, "extra.safetensors", str(e)) from None
 
 
-def _check_member(r: _Reader, key: str, w: int, h: int, offset: int, size: int, expect: _Expect) -> None:
+def _check_member(
+    r: _Reader, key: str, w: int, h: int, offset: int, size: int, expect: _Expect, refs: Refs = ()
+) -> None:
     """One sample's tar header and safetensors header against its index entry, in one positioned read."""
     head = r.read(offset - _BLOCK, _BLOCK + min(size, _HEAD))
     try:
@@ -328,7 +345,7 @@ def _check_member(r: _Reader, key: str, w: int, h: int, offset: int, size: int, 
     def read(o: int, n: int) -> bytes:
         return head[_BLOCK + o : _BLOCK + o + n] if o + n <= len(head) - _BLOCK else r.read(offset + o, n)
 
-    expect.tensors(_header(read, size), w, h)
+    expect.tensors(_header(read, size), w, h, refs)
 
 
 def _check_unlisted(r: _Reader, keys: list[str], off: np.ndarray, end: np.ndarray, order: np.ndarray) -> None:
@@ -365,13 +382,13 @@ def _check_shard(
     url: str,
     keys: list[str],
     ids: np.ndarray,
-    buckets: list[tuple[int, int]],
+    groups: list[Group],
     off: np.ndarray,
     size: np.ndarray,
     expect: _Expect,
 ) -> int:
-    """The open-time checks of one shard's index entries (module docstring): sample i has bucket buckets[ids[i]]
-    and lies at bytes off[i] .. off[i] + size[i]. Returns the number of positioned reads it took."""
+    """The open-time checks of one shard's index entries (module docstring): sample i has bucket and reference sizes
+    groups[ids[i]] and lies at bytes off[i] .. off[i] + size[i]. Returns the number of positioned reads it took."""
     path = root / url
 
     def corrupt(i: int, why: str) -> CacheCorrupt:
@@ -384,11 +401,11 @@ def _check_shard(
         raise CacheCorrupt(root, url, why) from None
     except OSError as e:
         raise CacheCorrupt(root, url, f"cannot be read ({e.strerror or e})") from None
-    present = np.flatnonzero(np.bincount(ids, minlength=len(buckets)))
-    first_of = {int(b): int(np.argmax(ids == b)) for b in present}  # bucket id -> its first sample here
+    present = np.flatnonzero(np.bincount(ids, minlength=len(groups)))
+    first_of = {int(b): int(np.argmax(ids == b)) for b in present}  # group id -> its first sample here
     for b, i in first_of.items():
-        if buckets[b] not in expect.buckets:
-            w, h = buckets[b]
+        if groups[b][0] not in expect.buckets:
+            w, h = groups[b][0]
             raise corrupt(i, f"index.json lists it as {w}x{h}, not one of the cache's buckets (settings.buckets)")
     bad = np.flatnonzero((off < _BLOCK) | (off % _BLOCK != 0))
     if bad.size:
@@ -415,18 +432,18 @@ def _check_shard(
         what = "the same bytes as" if off[a] == off[b] else "bytes overlapping those of"
         raise corrupt(b, f"index.json gives it {what} sample {keys[a]!r} (offsets {off[b]} and {off[a]})")
     # The samples whose headers are read: the first and last in the shard, and the first of each bucket new here.
-    check = {int(order[0]), int(order[-1])} | {i for b, i in first_of.items() if buckets[b] not in expect.sizes}
+    check = {int(order[0]), int(order[-1])} | {i for b, i in first_of.items() if groups[b] not in expect.sizes}
     with open(path, "rb") as f:
         r = _Reader(f.fileno(), file_size)
         for i in sorted(check):
-            w, h = buckets[ids[i]]
+            (w, h), refs = groups[ids[i]]
             try:
-                _check_member(r, keys[i], w, h, int(off[i]), int(size[i]), expect)
+                _check_member(r, keys[i], w, h, int(off[i]), int(size[i]), expect, refs)
             except _Bad as e:
                 raise corrupt(i, str(e)) from None
-            expect.sizes.setdefault((w, h), (int(size[i]), f"{url}, {keys[i]!r}"))
+            expect.sizes.setdefault(groups[ids[i]], (int(size[i]), f"{url}, {keys[i]!r}"))
         for b in first_of:
-            (w, h), (want, like) = buckets[b], expect.sizes[buckets[b]]
+            ((w, h), _), (want, like) = groups[b], expect.sizes[groups[b]]
             bad = np.flatnonzero((ids == b) & (size != want))
             if bad.size:
                 i = int(bad[0])
@@ -459,7 +476,7 @@ def check_cache(index: CacheIndex) -> int:
         a, b = int(starts[j]), int(starts[j + 1])
         keys = table.keys[a:b]
         reads += _check_shard(
-            root, info.url, keys, table.bucket[a:b], table.buckets, table.offset[a:b], table.size[a:b], expect
+            root, info.url, keys, table.group[a:b], table.groups, table.offset[a:b], table.size[a:b], expect
         )
     for part, infos in (("train", index.train), ("val", index.val)):
         keys = table.keys if part == "train" else [k for info in infos for k, _, _ in info.samples]
@@ -474,11 +491,13 @@ def check_cache(index: CacheIndex) -> int:
                     seen[k] = info.url
     for info in index.val:
         assert info.offsets is not None
-        buckets = sorted({(w, h) for _, w, h in info.samples})
-        ids = np.asarray([buckets.index((w, h)) for _, w, h in info.samples], dtype=np.int64)
+        refs = info.references or [()] * len(info.samples)
+        rows = [((w, h), r) for (_, w, h), r in zip(info.samples, refs, strict=True)]
+        groups = sorted(set(rows))
+        ids = np.asarray([groups.index(g) for g in rows], dtype=np.int64)
         off = np.asarray([o for o, _ in info.offsets], dtype=np.int64)
         size = np.asarray([n for _, n in info.offsets], dtype=np.int64)
-        reads += _check_shard(root, info.url, [k for k, _, _ in info.samples], ids, buckets, off, size, expect)
+        reads += _check_shard(root, info.url, [k for k, _, _ in info.samples], ids, groups, off, size, expect)
     return reads
 
 
@@ -586,7 +605,7 @@ def _audit_shard(root: Path, info: ShardInfo, part: str, expect: _Expect, seen: 
                 add(key, f"index.json puts it at bytes {o}..{o + n}, the shard at {data}..{data + size}")
                 continue
             try:
-                expect.tensors(_header(r.at(data), size), w, h)
+                expect.tensors(_header(r.at(data), size), w, h, info.references[i] if info.references else ())
             except _Bad as e:
                 add(key, str(e))
                 continue

@@ -1,9 +1,10 @@
 """Multi-process training on folders, the users' case: 2 CPU processes divide every dataset, under every strategy.
 
-On 8 photos in one bucket and 12 photos in three aspect buckets (both with the default holdout, so the second
-has short global batches), 2 processes x batch 1 give the LoRA of 1 process x batch 2 under DDP, FSDP2, ZeRO-2
-and ZeRO-3; every rank trains its share of each epoch; a 2-process checkpoint resumes on 1 process; a kill -9
-and resume is bitwise exact.
+On 8 photos in one bucket, 12 photos in three aspect buckets (both with the default holdout, so the second
+has short global batches) and an editing folder of 10 photos with 1 or 2 references of mixed sizes (beside the
+target and in references/, with reference dropout), 2 processes x batch 1 give the LoRA of 1 process x batch 2
+under DDP, FSDP2, ZeRO-2 and ZeRO-3; every rank trains its share of each epoch; a 2-process checkpoint resumes on
+1 process; a kill -9 and resume is bitwise exact (also with references, dropout and max_references drawing).
 """
 
 from __future__ import annotations
@@ -46,16 +47,36 @@ def _photos(root: Path, sizes: list[tuple[int, int]]) -> Path:
     return root
 
 
+def _edit_photos(root: Path) -> Path:
+    """An editing folder: 10 targets in two buckets, each with 1 or 2 references of its own size or another."""
+    _photos(root, [(128, 128), (160, 104)] * 5)
+    rng = np.random.default_rng(7)
+    (root / "references").mkdir()
+    for i in range(10):
+        sizes = [(128, 128), (96, 144)][: 1 + i % 2] if i % 3 else [(160, 104)]
+        for n, (w, h) in enumerate(sizes):
+            arr = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+            where = root / "references" if i % 4 == 0 else root
+            Image.fromarray(arr).resize((w, h)).save(where / f"IMG_{i:04d}_ref{n}.png")
+    return root
+
+
+# Options every run on a dataset gets (the single-process reference and the 2-process runs alike).
+EXTRA = {"10-edit": ["--data.reference_dropout", "0.25"]}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory, tiny_dev: Path) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("photos")
     return {
         "8-one-bucket": _photos(base / "eight", [(120 + 4 * i, 120 + 4 * i) for i in range(8)]),
         "12-three-buckets": _photos(base / "twelve", [(96, 96), (130, 128)] * 2 + [(160, 104)] * 4 + [(100, 150)] * 4),
+        "10-edit": _edit_photos(base / "10-edit"),
     }
 
 
 def _args(dataset: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    extra = (*EXTRA.get(dataset.name, []), *extra)  # the folders are named as in `folders`
     return ["train", "--preset", "tiny", "--dataset", str(dataset), "--steps", str(STEPS), "--batch-size", str(batch),
             "--validation.every_n_steps", "0", "--validation.prompts", "[]", "--output.checkpoint_every", "2",
             "--output.keep_last", "10", "--output", str(out), *extra]  # fmt: skip
@@ -122,7 +143,7 @@ def _check_division(out: Path, log: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-@pytest.mark.parametrize("dataset", ["8-one-bucket", "12-three-buckets"])
+@pytest.mark.parametrize("dataset", ["8-one-bucket", "12-three-buckets", "10-edit"])
 def test_two_processes_equal_one_process_with_twice_the_batch(
     strategy: str,
     dataset: str,
@@ -142,6 +163,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(
     _check_division(out, log)
     if dataset == "12-three-buckets":
         assert "of them short" in log  # the case with zero-weight slots is really exercised
+    if dataset == "10-edit":
+        assert "group(s) of bucket and reference sizes" in log
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(
@@ -165,12 +188,23 @@ def test_a_two_process_checkpoint_resumes_on_one_process(
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("dataset", ["12-three-buckets", "10-edit"])
 def test_a_kill_9_and_resume_on_two_processes_is_bitwise_exact(
-    ddp_runs: dict[str, tuple[Path, str]], folders: dict[str, Path], tmp_path: Path
+    dataset: str, ddp_runs: dict[str, tuple[Path, str]], folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    straight, _ = ddp_runs["12-three-buckets"]
+    extra = ("--distributed.strategy", "ddp")
+    if dataset == "10-edit":  # every reference draw on: dropout (EXTRA) and a choice of 1 of 2 references
+        extra += ("--data.max_references", "1")
+        straight = tmp_path / "straight"
+        res = subprocess.run(
+            [*LAUNCH, "-m", "flux2_lora", *_args(folders[dataset], straight, 1, *extra)],
+            capture_output=True, text=True, env=_env("ddp"), timeout=900,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    else:
+        straight, _ = ddp_runs[dataset]
     out = tmp_path / "killed"
-    cmd = [*LAUNCH, "-m", "flux2_lora", *_args(folders["12-three-buckets"], out, 1, "--distributed.strategy", "ddp")]
+    cmd = [*LAUNCH, "-m", "flux2_lora", *_args(folders[dataset], out, 1, *extra)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env("ddp"), start_new_session=True
     )

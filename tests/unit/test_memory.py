@@ -158,3 +158,33 @@ def test_sharded_plan_divides_the_state_and_gathers_two_blocks() -> None:
         assert four.parts[part] == one.parts[part] / 4
     act = [next(v for k, v in e.parts.items() if k.startswith("activations")) for e in (one, four)]
     assert act[0] == act[1]  # each GPU still runs its own batch
+
+
+def test_reference_tokens_grow_the_activations_as_a_longer_sequence() -> None:
+    """An editing sample's references join the sequence: one 512px reference beside a 512px target costs about
+    what a target of twice the area costs (the same token count), and far more than none."""
+    shape = model_shape("black-forest-labs/FLUX.2-dev")
+    plain = estimate(shape, Setup(resolution=512))
+    act = next(k for k in plain.parts if k.startswith("activations"))
+    one_ref = estimate(shape, Setup(resolution=512, reference_tokens=32 * 32))
+    assert one_ref.parts[act] > 1.5 * plain.parts[act]
+    two_refs = estimate(shape, Setup(resolution=512, reference_tokens=2 * 32 * 32))
+    assert two_refs.parts[act] > one_ref.parts[act]
+
+
+def test_system_optimize_counts_the_datasets_references(tiny_dev: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "edit"
+    data.mkdir()
+    Image.new("RGB", (128, 128)).save(data / "a.png")
+    (data / "a.txt").write_text("make it red")
+    for n, (w, h) in enumerate([(128, 128), (320, 64), (2000, 2000)]):
+        Image.new("RGB", (w, h)).save(data / f"a_ref{n}.png")
+    args = ["system", "optimize", "--preset", "tiny", "--model", str(tiny_dev), "--dataset", str(data)]
+    res = run_cli(*args, "--gpu-memory", "24")
+    assert res.returncode == 0, res.stderr
+    # 8x8 + 20x4 tokens, and the 2000x2000 one scaled to the pipeline's 1024x1024 limit: 64x64.
+    assert f"{64 + 80 + 4096} reference tokens (3 reference(s)" in res.stdout
+    res = run_cli(*args, "--gpu-memory", "24", "--data.max_references", "1", "--data.max_reference_pixels", "65536")
+    assert "256 reference tokens (1 reference(s)" in res.stdout  # the largest one, at 256x256
