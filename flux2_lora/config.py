@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import RecipeError
+from .references import SamplePrompt, check_prompt_entries, check_prompts
 
 # Hidden-state layers of the text encoder that FLUX.2 stacks into the prompt embedding, per family.
 # diffusers: Flux2Pipeline uses (10, 20, 30) for Mistral-3; Flux2KleinPipeline (9, 18, 27) for Qwen3.
@@ -233,8 +234,9 @@ class ValidationArgs:
     """Sigmas at which each held-out item is scored (same noise every time)."""
     seed: int = 1234
     """Seed of the validation noise."""
-    prompts: list[str] = field(default_factory=list)
-    """Sample prompts rendered with the current LoRA."""
+    prompts: list[str | SamplePrompt] = field(default_factory=list)
+    """Sample prompts rendered with the current LoRA: a prompt, or `{prompt: TEXT, images: [FILE, ...]}` to render an
+    edit of up to 10 reference images (shown left of the sample in the grid)."""
     sample_steps: int = 28
     """Denoising steps per sample."""
     sample_guidance: float = 4.0
@@ -253,6 +255,14 @@ class ValidationArgs:
     """open_clip weights as a local .safetensors file; None looks for open_clip safetensors weights in the hub cache."""
     overfit_threshold: float = 0.95
     """CLIP similarity to the nearest training image at or above which a sample counts as memorised."""
+
+    def prompt_texts(self) -> list[str]:
+        """The sample prompts' texts, in order (what the text encoder embeds)."""
+        return [p if isinstance(p, str) else p.prompt for p in self.prompts]
+
+    def prompt_images(self) -> list[list[str]]:
+        """Each sample prompt's reference image files, in order ([] for a plain prompt)."""
+        return [[] if isinstance(p, str) else list(p.images) for p in self.prompts]
 
 
 @dataclass
@@ -368,6 +378,7 @@ def check_recipe_file(path: Path) -> None:
     if not isinstance(data, dict):
         raise RecipeError(f"--config: {path} must be a mapping of recipe groups (model:, data:, training:, ...)")
     check_groups(data, f" in {path}")
+    check_prompt_entries(data, f" in {path}")
 
 
 def _nonfinite(obj: Any, prefix: str) -> tuple[str, float] | None:
@@ -531,6 +542,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
             f"must be a multiple of 16 in 16..{MAX_RESOLUTION} (FLUX.2 renders up to 4 megapixels), "
             f"got {v.sample_resolution}",
         )
+    check_prompts(v.prompts, MAX_REFERENCES, open_files=need_data)
     for name in ("clip_score", "overfit_check"):
         _require(
             not getattr(v, name) or bool(v.prompts), f"validation.{name}", "needs validation.prompts (the samples)"

@@ -162,11 +162,11 @@ class Trainer:
             text_dtype = encoder_dtype(r.model.dtype, self.device)
             if self.is_main:
                 prompt_embeddings(
-                    self.index, r.validation.prompts, self.device, text_dtype, r.model.force_cpu_loading,
+                    self.index, r.validation.prompt_texts(), self.device, text_dtype, r.model.force_cpu_loading,
                     r.model.text_encoder_device,
                 )  # fmt: skip
             acc.wait_for_everyone()
-            self.sample_embeds = prompt_embeddings(self.index, r.validation.prompts, self.device, text_dtype)
+            self.sample_embeds = prompt_embeddings(self.index, r.validation.prompt_texts(), self.device, text_dtype)
             self.empty_embeds = self.index.extra()["empty"]
             self.val_samples = self.index.val_samples()
             self._print(

@@ -35,6 +35,7 @@ FLAG_HELP = {
     "clip_weights": "open_clip weights as .safetensors; default: an open_clip safetensors file in the hub cache.",
     "clip_pretrained": "open_clip tag to look up in the hub cache.",
     "overfit_threshold": "Similarity to the nearest training image at or above which a generation counts as a copy.",
+    "image": "A reference image for every prompt (an edit; repeat for up to 10, in order).",
 }
 
 
@@ -50,6 +51,7 @@ def compare(
     *,
     run: str | None = None,
     prompt: list[str] | None = None,
+    image: list[str] | None = None,
     include_base: bool = False,
     model: str | None = None,
     seeds: list[int] = [0],  # noqa: B006  (argparse's default, never changed)
@@ -66,14 +68,14 @@ def compare(
     Args:
         ckpts: LoRA .safetensors files or checkpoints/step-N folders.
         run: Also take every checkpoint of this training run.
-        prompt: Prompts (default: the run's sample prompts).
+        prompt: Prompts (default: the run's sample prompts, with their reference images).
         include_base: Add a row for the base model without a LoRA.
     """
     from ..evaluate import runs
 
     refs = runs.checkpoint_refs(ckpts or [], run)
     ev = runs.evaluator(refs, seeds, model, size, steps, guidance, max_sequence_length, device, dtype)
-    prompts = runs.eval_prompts(prompt, ev)
+    prompts = runs.eval_prompts(prompt, ev, images=image)
     out = runs.output_dir(output, refs, "compare")
     result = runs.compare(ev, prompts, seeds, out, include_base)
     _done([result["grid"], result["html"], out / "compare.json"])
@@ -133,6 +135,7 @@ def test_prompts(
     concept: str,
     trigger: str | None = None,
     suite: str | None = None,
+    image: list[str] | None = None,
     no_builtin: bool = False,
     leakage_threshold: float = 0.85,
     model: str | None = None,
@@ -155,7 +158,8 @@ def test_prompts(
         checkpoint: LoRA file or checkpoint folder.
         concept: The trained concept with its trigger, e.g. "sks dog".
         trigger: The trigger word (default: the LoRA's, else the concept's first word).
-        suite: A YAML prompt suite (see docs/eval.md).
+        suite: A YAML prompt suite (see docs/eval.md); an entry may name its own reference images.
+        image: A reference image for every prompt whose suite entry names none (an edit; repeat for up to 10).
         no_builtin: Run only the --suite prompts.
         leakage_threshold: A trigger-less prompt whose image is less similar than this to the base model's is
             flagged.
@@ -166,7 +170,8 @@ def test_prompts(
     from ..evaluate.suite import build_suite
 
     ref = resolve_lora(checkpoint, "--checkpoint")
-    items, trig = build_suite(concept, trigger or ref.trigger, suite, not no_builtin)
+    runs.check_images(image or [])
+    items, trig = build_suite(concept, trigger or ref.trigger, suite, not no_builtin, image)
     clip = runs.eval_clip(runs.eval_device(device), clip_model, clip_weights, clip_pretrained, overfit_threshold)
     ev = runs.evaluator([ref], seeds, model, size, steps, guidance, max_sequence_length, device, dtype)
     out = runs.output_dir(output, [ref], "prompts")

@@ -41,7 +41,9 @@ class TrainingQuality:
         try:
             clip = load_clip(v.clip_model, v.clip_weights, device=device)
             texts = (
-                clip.embed_texts([strip_trigger(p, recipe.data.trigger) for p in v.prompts]) if v.clip_score else None
+                clip.embed_texts([strip_trigger(p, recipe.data.trigger) for p in v.prompt_texts()])
+                if v.clip_score
+                else None
             )
             train = None
             if v.overfit_check:

@@ -2,7 +2,8 @@
 
 The order keeps memory low, as training does: every prompt is encoded first (the text encoder is then
 freed), then the transformer and VAE load once and each LoRA is swapped in and out of the same pipeline.
-Seeds fix the noise: a column (prompt, seed) starts from the same noise for every checkpoint.
+Seeds fix the noise: a column (prompt, seed) starts from the same noise for every checkpoint. A prompt with
+reference images (an edit) is generated with `image=[...]`, at the evaluation size.
 
 LoRA files are checked before diffusers sees them: only `.safetensors` is read (a pickle is never opened),
 the header's `flux2_lora.family` must match the model, and every `transformer.*.lora_A/B` tensor must fit the
@@ -25,6 +26,7 @@ from ..checkpoint import LORA_FILE, METADATA_PREFIX, CheckpointError, list_check
 from ..config import ModelArgs, Recipe
 from ..data.cache import CacheIndex
 from ..model import DTYPES, ModelError, ModelSource, resolve_model
+from ..references import open_reference
 from . import EvalError
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,7 @@ class Evaluator:
         self.pipe: Any = None
         self.current: LoraRef | None = None
         self.empty: torch.Tensor | None = None
+        self._references: dict[str, Image.Image] = {}
 
     def _base_model(self) -> str:
         bases = {r.base_model for r in self.refs if r.base_model}
@@ -372,9 +375,18 @@ class Evaluator:
             ) from None
         self.current = ref
 
+    def references(self, paths: list[str], field_name: str = "--image") -> list[Image.Image]:
+        """The reference images at `paths`, each read (and checked, see references.open_reference) once; a bad file
+        is an EvalError naming `field_name` and the file."""
+        for path in paths:
+            if path not in self._references:
+                self._references[path] = open_reference(path, field_name, EvalError)
+        return [self._references[p] for p in paths]
+
     @torch.no_grad()
-    def generate(self, embeds: torch.Tensor, seed: int) -> Image.Image:
-        """One image; the seed fixes the starting noise (the same for every LoRA)."""
+    def generate(self, embeds: torch.Tensor, seed: int, images: list[str] | None = None) -> Image.Image:
+        """One image; the seed fixes the starting noise (the same for every LoRA). images: reference image files,
+        given to the pipeline as `image=[...]` (an edit); the size stays the evaluation's."""
         g = self.gen
         kwargs: dict[str, Any] = dict(
             prompt_embeds=embeds.unsqueeze(0).to(self.device, self.dtype),
@@ -387,6 +399,8 @@ class Evaluator:
         )
         if self.src.family == "klein" and self.empty is not None:
             kwargs["negative_prompt_embeds"] = self.empty.unsqueeze(0).to(self.device, self.dtype)
+        if images:
+            kwargs["image"] = self.references(images)
         return self.pipe(**kwargs).images[0]
 
     @torch.no_grad()

@@ -5,6 +5,10 @@ Each takes LoRA checkpoints as paths (a `.safetensors` file or a `checkpoints/st
 unless a model is named; generation settings default to the run's recipe. CLIP weights: a `.safetensors` file, or
 an open_clip safetensors file in the hub cache. Each writes its images, JSON and pages to an output folder and
 returns what it measured; the command layer (`flux2-lora eval ...`) prints it.
+
+A prompt may carry reference images (an edit): `--image FILE` for every prompt, a run's `validation.prompts` entry
+`{prompt, images}`, a suite entry's `images:`. Each is checked before any model loads and given to the pipeline as
+`image=[...]`; the grids show them (a `references` row or column).
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import MAX_REFERENCES
 from ..errors import UsageError
+from ..references import SamplePrompt, open_reference
+from ..sampling import reference_tile
 from . import EvalError
 from .clip import DEFAULT_CLIP_MODEL, ClipModel, load_clip
 from .generate import Evaluator, LoraRef, logged_val_loss, resolve_lora, run_checkpoints, strip_trigger, training_images
@@ -89,16 +97,59 @@ def eval_clip(
     return load_clip(clip_model, clip_weights, clip_pretrained, device)
 
 
-def eval_prompts(prompt: list[str] | None, ev: Evaluator, fallback: list[str] | None = None) -> list[str]:
-    """The prompts given, else the run's validation prompts, else `fallback`."""
-    prompts = list(prompt or [])
-    if not prompts and ev.recipe is not None:
-        prompts = list(ev.recipe.validation.prompts)
-    if not prompts and fallback:
-        prompts = fallback
-    if not prompts:
+def eval_prompts(
+    prompt: list[str] | None, ev: Evaluator, fallback: list[str] | None = None, images: list[str] | None = None
+) -> list[SamplePrompt]:
+    """The prompts given, else the run's validation prompts (with their reference images), else `fallback`.
+
+    images (--image): the reference images of every prompt, in place of a run prompt's own. Every reference is read
+    here, before any model loads: a missing or unusable file is one line naming it."""
+    items = [SamplePrompt(p) for p in prompt or []]
+    run = next((r.run for r in ev.refs if r.run is not None), None)
+    if not items and ev.recipe is not None:
+        v = ev.recipe.validation
+        items = [SamplePrompt(t, paths) for t, paths in zip(v.prompt_texts(), v.prompt_images(), strict=True)]
+        for i, it in enumerate(items):
+            for j, path in enumerate(it.images if not images else []):
+                ev.references([path], f"validation.prompts[{i}].images[{j}] (in {run}/recipe.yaml)")
+    if not items and fallback:
+        items = [SamplePrompt(p) for p in fallback]
+    if not items:
         raise EvalError("--prompt: give at least one prompt (the run's recipe has no validation.prompts)")
-    return prompts
+    if images:
+        check_images(images)
+        ev.references(images)
+        items = [SamplePrompt(it.prompt, list(images)) for it in items]
+    return items
+
+
+def check_images(images: list[str], field_name: str = "--image") -> None:
+    """At most MAX_REFERENCES reference images, each one FLUX.2's pipelines take (an EvalError naming it)."""
+    if len(images) > MAX_REFERENCES:
+        raise EvalError(
+            f"{field_name}: at most {MAX_REFERENCES} reference images (FLUX.2 takes up to {MAX_REFERENCES}), "
+            f"got {len(images)}"
+        )
+    for path in images:
+        open_reference(path, field_name, EvalError)
+
+
+def shown(items: list[SamplePrompt]) -> list[Any]:
+    """The prompts as the JSON reports hold them: a string, or {prompt, images} for one with references."""
+    return [it.prompt if not it.images else {"prompt": it.prompt, "images": it.images} for it in items]
+
+
+def reference_tiles(ev: Evaluator, items: list[Any], out: Path) -> list[Path] | None:
+    """Each item's references as one image of the generation size, saved as OUT/images/references-promptNN.png; None
+    when no item has references (the grids then have no references row or column)."""
+    if not any(it.images for it in items):
+        return None
+    paths = []
+    for j, it in enumerate(items):
+        path = out / "images" / f"references-prompt{j:02d}.png"
+        reference_tile(ev.references(it.images), (ev.gen.size, ev.gen.size)).save(path)
+        paths.append(path)
+    return paths
 
 
 def training_data_of(given: str | None, ev: Evaluator, required: bool) -> str | None:
@@ -122,11 +173,12 @@ def run_trigger(ev: Evaluator) -> str | None:
 
 
 def compare(
-    ev: Evaluator, prompts: list[str], seeds: list[int], out: Path, include_base: bool = False
+    ev: Evaluator, items: list[SamplePrompt], seeds: list[int], out: Path, include_base: bool = False
 ) -> dict[str, Any]:
     """One row per LoRA (the base model first with `include_base`), one column per (prompt, seed) with the same
-    noise down each column. Writes OUT/images, grid.png, index.html and compare.json; returns the grid and page
-    paths and the row labels."""
+    noise down each column; a `references` row on top when a prompt has reference images. Writes OUT/images,
+    grid.png, index.html and compare.json; returns the grid and page paths and the row labels."""
+    prompts = [it.prompt for it in items]
     embeds = ev.encode(prompts)
     ev.load()
     rows: list[LoraRef | None] = ([None] if include_base else []) + list(ev.refs)
@@ -136,12 +188,17 @@ def compare(
     (out / "images").mkdir(exist_ok=True)
     cells: list[list[Any]] = []
     files: list[list[Path]] = []
+    tiles = reference_tiles(ev, items, out)
+    if tiles is not None:
+        labels.insert(0, "references")
+        files.append([tiles[j] for j, _ in cols])
+        cells.append([Image.open(f).convert("RGB") for f in files[0]])
     bar = tqdm(total=len(rows) * len(cols), desc="eval: compare", unit="img")
     for i, ref in enumerate(rows):
         ev.use(ref)
         row, row_files = [], []
         for j, s in cols:
-            image = ev.generate(embeds[prompts[j]], s)
+            image = ev.generate(embeds[prompts[j]], s, items[j].images)
             path = out / "images" / f"row{i:02d}-prompt{j:02d}-seed{s}.png"
             image.save(path)
             row.append(image)
@@ -153,15 +210,17 @@ def compare(
     ev.use(None)
     grid = labelled_grid(cells, labels, col_labels)
     grid.save(out / "grid.png")
-    notes = [f"{j + 1}: {p}" for j, p in enumerate(prompts)]
+    notes = [f"{j + 1}: {it.prompt}" + (f" (references: {', '.join(it.images)})" if it.images else "")
+             for j, it in enumerate(items)]  # fmt: skip
     notes.append(
         f"model {ev.src.name}; {ev.gen.size}px, {ev.gen.steps} steps, guidance {ev.gen.guidance}; same seed = same noise"
     )
     page = html_page(out / "index.html", "flux2-lora: checkpoint comparison", labels, col_labels, files, notes)
+    generated = files[1:] if tiles is not None else files
     write_json(out / "compare.json", {
-        "model": ev.src.name, "prompts": prompts, "seeds": seeds, "settings": vars(ev.gen),
-        "rows": [{"label": lab, "lora": str(r.path) if r else None, "images": [str(f) for f in fs]}
-                 for lab, r, fs in zip(labels, rows, files, strict=True)],
+        "model": ev.src.name, "prompts": shown(items), "seeds": seeds, "settings": vars(ev.gen),
+        "rows": [{"label": r.label if r else "base model", "lora": str(r.path) if r else None,
+                  "images": [str(f) for f in fs]} for r, fs in zip(rows, generated, strict=True)],
     })  # fmt: skip
     return {"grid": out / "grid.png", "html": page, "labels": labels}
 
@@ -174,7 +233,7 @@ def compare(
 def assess(
     ev: Evaluator,
     clip: ClipModel | None,
-    prompts: list[str],
+    items: list[SamplePrompt],
     embeds: dict[str, torch.Tensor],
     seeds: list[int],
     train: tuple[list[str], torch.Tensor] | None,
@@ -188,7 +247,7 @@ def assess(
     clip None: no generation (loss only). train: (keys, embeddings) of the training images, or None.
     index: the cached validation items, or None to use only the loss the run logged."""
     trigger = run_trigger(ev)
-    texts = clip.embed_texts([strip_trigger(p, trigger) for p in prompts]) if clip is not None else None
+    texts = clip.embed_texts([strip_trigger(it.prompt, trigger) for it in items]) if clip is not None else None
     rows = []
     for i, ref in enumerate(tqdm(ev.refs, desc="eval: checkpoints", unit="ckpt")):
         ev.use(ref)
@@ -205,14 +264,17 @@ def assess(
             per_prompt: list[dict[str, Any]] = []
             all_emb: list[torch.Tensor] = []
             where: list[tuple[str, int]] = []
-            for j, prompt in enumerate(prompts):
-                images = [ev.generate(embeds[prompt], s) for s in seeds]
+            for j, it in enumerate(items):
+                prompt = it.prompt
+                images = [ev.generate(embeds[prompt], s, it.images) for s in seeds]
                 if image_dir is not None:
                     for s, im in zip(seeds, images, strict=True):
                         im.save(image_dir / f"ckpt{i:02d}-prompt{j:02d}-seed{s}.png")
                 emb = clip.embed_images(images)
                 scores = clip_score(emb, texts[j].expand_as(emb))
                 per_prompt.append({"prompt": prompt, "clip_score": float(scores.mean()), "diversity": diversity(emb)})
+                if it.images:
+                    per_prompt[-1]["images"] = it.images
                 all_emb.append(emb)
                 where += [(prompt, s) for s in seeds]
             row["clip_score"] = sum(p["clip_score"] for p in per_prompt) / len(per_prompt)
@@ -263,20 +325,20 @@ def assess_quality(
 
     keys, captions, images = training_images(data, ev.recipe.data.instance_prompt if ev.recipe else None)
     trigger = run_trigger(ev)
-    prompts = eval_prompts(prompt, ev, [full_caption(c, trigger) for c in dict.fromkeys(captions) if c][:4])
+    items = eval_prompts(prompt, ev, [full_caption(c, trigger) for c in dict.fromkeys(captions) if c][:4])
     train = (keys, clip.embed_images(images))
     index = ev.val_cache(data, out)
-    embeds = ev.encode(prompts)
+    embeds = ev.encode([it.prompt for it in items])
     ev.load()
     (out / "images").mkdir(exist_ok=True)
-    rows = assess(ev, clip, prompts, embeds, seeds, train, overfit_threshold, index, out / "images")
+    rows = assess(ev, clip, items, embeds, seeds, train, overfit_threshold, index, out / "images")
     result = {
         "model": ev.src.name,
         "clip_model": clip.name,
         "clip_weights": clip.weights,
         "training_data": data,
         "overfit_threshold": overfit_threshold,
-        "prompts": prompts,
+        "prompts": shown(items),
         "seeds": seeds,
         "settings": vars(ev.gen),
         "checkpoints": rows,
@@ -311,13 +373,15 @@ def test_prompts(
 ) -> dict[str, Any]:
     """Each suite prompt on the LoRA, with CLIP score and diversity; a leakage prompt (no trigger) is also run on
     the base model and flagged when its images drift from the base model's. Writes OUT/images, grid.png,
-    prompts.json and prompts.md; returns the result written to prompts.json."""
+    prompts.json and prompts.md; returns the result written to prompts.json. An item with reference images is an
+    edit of them (the grid then starts with a references column)."""
     from .suite import LEAKAGE
 
     prompts = [it.prompt for it in items]
     embeds = ev.encode(prompts)
     ev.load()
     (out / "images").mkdir(exist_ok=True)
+    tiles = reference_tiles(ev, items, out)
     texts = clip.embed_texts([strip_trigger(p, trigger) for p in prompts])
     ref = ev.refs[0]
     cells, rows = [], []
@@ -326,7 +390,7 @@ def test_prompts(
         ev.use(ref)
         images = []
         for s in seeds:
-            images.append(ev.generate(embeds[it.prompt], s))
+            images.append(ev.generate(embeds[it.prompt], s, it.images))
             images[-1].save(out / "images" / f"prompt{j:02d}-seed{s}.png")
             bar.update(1)
         emb = clip.embed_images(images)
@@ -336,18 +400,19 @@ def test_prompts(
             "clip_score": float(clip_score(emb, texts[j].expand_as(emb)).mean()),
             "diversity": diversity(emb),
         }
+        if it.images:
+            row["images"] = it.images
         if it.category == LEAKAGE:
-            ev.use(None)  # the base model, same prompt and seeds
-            base = clip.embed_images([ev.generate(embeds[it.prompt], s) for s in seeds])
+            ev.use(None)  # the base model, same prompt, references and seeds
+            base = clip.embed_images([ev.generate(embeds[it.prompt], s, it.images) for s in seeds])
             sim = float((emb * base).sum(-1).mean())
             row.update(similarity_to_base=sim, leaked=sim < leakage_threshold)
         rows.append(row)
-        cells.append(images)
+        cells.append(images if tiles is None else [Image.open(tiles[j]).convert("RGB"), *images])
     bar.close()
     ev.use(None)
-    labelled_grid(cells, [f"{r['category']}: {r['prompt']}" for r in rows], [f"seed {s}" for s in seeds]).save(
-        out / "grid.png"
-    )
+    col_labels = ([] if tiles is None else ["references"]) + [f"seed {s}" for s in seeds]
+    labelled_grid(cells, [f"{r['category']}: {r['prompt']}" for r in rows], col_labels).save(out / "grid.png")
     result = {
         "checkpoint": str(ref.path),
         "trigger": trigger,
@@ -437,10 +502,10 @@ def select_best(
         keys, _, images = training_images(data, ev.recipe.data.instance_prompt if ev.recipe else None)
         train = (keys, clip.embed_images(images))
     index = ev.val_cache(data, out) if need_loss and data is not None else None
-    prompts = eval_prompts(prompt, ev) if need_images else []
-    embeds = ev.encode(prompts) if need_images else {}
+    items = eval_prompts(prompt, ev) if need_images else []
+    embeds = ev.encode([it.prompt for it in items]) if need_images else {}
     ev.load()
-    rows = assess(ev, clip, prompts, embeds, seeds, train, overfit_threshold, index, None, prefer_logged_loss=True)
+    rows = assess(ev, clip, items, embeds, seeds, train, overfit_threshold, index, None, prefer_logged_loss=True)
     if weights["loss"] > 0:
         missing = [r["checkpoint"] for r in rows if r["val_loss"] is None]
         if missing:
@@ -454,7 +519,7 @@ def select_best(
         "formula": "score = w_loss*L + w_clip*C + w_diversity*D - w_overfit*O (L, C, D rescaled to [0,1] over the "
         "checkpoints, 1 = best; O = share of generations flagged as overfit)",
         "clip_model": clip.name if clip else None,
-        "prompts": prompts,
+        "prompts": shown(items),
         "seeds": seeds,
         "ranking": ranked,
     }

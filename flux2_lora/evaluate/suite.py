@@ -10,13 +10,20 @@ A user suite is YAML, either a list of prompts or
     prompts:
       - {category: style, prompt: "a mosaic of {concept}"}
       - "a photo of {concept} at the beach"          # category: custom
+      - {category: edit, prompt: "put {concept} in the room", images: [room.png]}
+
+An entry's `images` are reference images (an edit, up to 10; a relative path is read from the suite file's folder);
+`--image FILE` gives references to every entry that names none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import MAX_REFERENCES
+from ..references import open_reference
 from . import EvalError
 
 LEAKAGE = "leakage"
@@ -43,6 +50,7 @@ class SuitePrompt:
     category: str
     template: str
     prompt: str
+    images: list[str] = field(default_factory=list)  # reference image files (an edit)
 
 
 def split_concept(concept: str, trigger: str | None) -> tuple[str, str]:
@@ -57,39 +65,56 @@ def split_concept(concept: str, trigger: str | None) -> tuple[str, str]:
     return trigger, " ".join(rest) or "an object"
 
 
-def fill(category: str, template: str, concept: str, cls: str) -> SuitePrompt:
+def fill(category: str, template: str, concept: str, cls: str, images: list[str] | None = None) -> SuitePrompt:
     try:
         prompt = template.format(concept=concept, cls=cls)
     except (KeyError, IndexError, ValueError) as e:
         raise EvalError(
             f"--suite: template {template!r} has an unknown placeholder ({e}); use {{concept}} or {{cls}}"
         ) from None
-    return SuitePrompt(category, template, " ".join(prompt.split()))
+    return SuitePrompt(category, template, " ".join(prompt.split()), list(images or []))
 
 
-def load_suite(path: str) -> list[tuple[str, str]]:
-    """(category, template) pairs from a user YAML suite."""
+def load_suite(path: str) -> list[tuple[str, str, list[str]]]:
+    """(category, template, reference images) of each entry of a user YAML suite; every image is checked here (a
+    relative path is read from the suite's folder)."""
     from ..recipe import read_yaml
 
     data = read_yaml(Path(path).expanduser(), "--suite")
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise EvalError(f"--suite: {path} must hold a list of prompts (or `prompts:` with one)")
-    out = []
+    folder = Path(path).expanduser().parent
+    out: list[tuple[str, str, list[str]]] = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            out.append(("custom", item))
-        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            out.append((str(item.get("category", "custom")), item["prompt"]))
-        else:
-            raise EvalError(f"--suite: {path}: item {i} must be a prompt string or {{category, prompt}}")
+            out.append(("custom", item, []))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise EvalError(f"--suite: {path}: item {i} must be a prompt string or {{category, prompt, images}}")
+        images = item.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise EvalError(f"--suite: {path}: item {i} images: must be a list of image files, got {images!r}")
+        if len(images) > MAX_REFERENCES:
+            raise EvalError(
+                f"--suite: {path}: item {i} images: at most {MAX_REFERENCES} reference images (FLUX.2 takes up to "
+                f"{MAX_REFERENCES}), got {len(images)}"
+            )
+        paths = [str(folder / os.path.expanduser(x)) for x in images]  # an absolute path stays as it is
+        for j, image in enumerate(paths):
+            open_reference(image, f"--suite: {path}: item {i} images[{j}]", EvalError)
+        out.append((str(item.get("category", "custom")), item["prompt"], paths))
     return out
 
 
-def build_suite(concept: str, trigger: str | None, suite: str | None, builtin: bool) -> tuple[list[SuitePrompt], str]:
-    """The prompts to run (built-in templates and/or a user suite) and the trigger they use."""
+def build_suite(
+    concept: str, trigger: str | None, suite: str | None, builtin: bool, images: list[str] | None = None
+) -> tuple[list[SuitePrompt], str]:
+    """The prompts to run (built-in templates and/or a user suite) and the trigger they use. images (--image): the
+    reference images of every prompt whose suite entry names none."""
     trig, cls = split_concept(concept, trigger)
-    templates = (list(BUILTIN) if builtin else []) + (load_suite(suite) if suite else [])
+    templates: list[tuple[str, str, list[str]]] = [(c, t, []) for c, t in BUILTIN] if builtin else []
+    templates += load_suite(suite) if suite else []
     if not templates:
         raise EvalError("--suite: --no-builtin needs a --suite FILE")
-    return [fill(c, t, concept, cls) for c, t in templates], trig
+    return [fill(c, t, concept, cls, refs or images) for c, t, refs in templates], trig
