@@ -24,8 +24,9 @@ def _model(tiny_dev: Path) -> Any:
     return model
 
 
-def _step_inputs(model: Any, seed: int) -> tuple[Any, ...]:
-    from flux2_lora.flow import latent_ids, text_ids
+def _step_inputs(model: Any, seed: int, references: bool = False) -> tuple[Any, ...]:
+    """One step's inputs; with references, two clean reference grids (4x4, 2x6) follow the target's tokens."""
+    from flux2_lora.flow import latent_ids, pack_references, reference_ids, text_ids
 
     g = torch.Generator().manual_seed(seed)
     cpu = torch.device("cpu")
@@ -33,17 +34,23 @@ def _step_inputs(model: Any, seed: int) -> tuple[Any, ...]:
     embeds = torch.randn(1, 8, model.config.joint_attention_dim, generator=g)
     sigmas = torch.rand(1, generator=g)
     noise = torch.randn(1, model.config.in_channels, 4, 4, generator=g)
-    return x, embeds, sigmas, noise, latent_ids(1, 4, 4, cpu), text_ids(1, 8, cpu), torch.full((1,), 4.0)
+    img_ids, refs = latent_ids(1, 4, 4, cpu), None
+    if references:
+        c = model.config.in_channels
+        refs = pack_references([torch.randn(1, c, 4, 4, generator=g), torch.randn(1, c, 2, 6, generator=g)])
+        img_ids = torch.cat([img_ids, reference_ids([(4, 4), (2, 6)], 1, cpu)], dim=1)
+    return x, embeds, sigmas, noise, img_ids, text_ids(1, 8, cpu), torch.full((1,), 4.0), refs
 
 
-def _train(model: Any, steps: int) -> dict[str, torch.Tensor]:
+def _train(model: Any, steps: int, references: bool = False) -> dict[str, torch.Tensor]:
     from flux2_lora.flow import flow_loss
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(steps):
-        flow_loss(model, *_step_inputs(model, step)).backward()
+        *inputs, refs = _step_inputs(model, step, references)
+        flow_loss(model, *inputs, references=refs).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -169,7 +176,7 @@ def test_swap_schedule_moves_each_block_in_before_and_out_after_forward_and_back
     from flux2_lora.flow import flow_loss
 
     model.train()
-    flow_loss(model, *_step_inputs(model, 0)).backward()
+    flow_loss(model, *_step_inputs(model, 0)[:-1]).backward()
     expected = [(p, i, a) for p, order in (("forward", (1, 2, 3)), ("backward", (3, 2, 1))) for i in order
                 for a in ("in", "out")]  # fmt: skip
     assert swapper.events == expected
@@ -181,16 +188,17 @@ def test_swap_schedule_moves_each_block_in_before_and_out_after_forward_and_back
     # Without grad (validation, sampling): forward only, each block in and out once.
     swapper.events.clear()
     with torch.no_grad():
-        flow_loss(model, *_step_inputs(model, 1))
+        flow_loss(model, *_step_inputs(model, 1)[:-1])
     assert swapper.events == [("forward", i, a) for i in (1, 2, 3) for a in ("in", "out")]
 
 
-def test_training_with_block_swap_gives_the_same_lora_exactly(tiny_dev: Path) -> None:
-    plain = _train(_lora_model(tiny_dev), 3)
+@pytest.mark.parametrize("references", [False, True])
+def test_training_with_block_swap_gives_the_same_lora_exactly(tiny_dev: Path, references: bool) -> None:
+    plain = _train(_lora_model(tiny_dev), 3, references)
     model = _lora_model(tiny_dev)
     swapper = attach_block_swap(model, 4, "cpu")
     swapper.copies = True
-    swapped = _train(model, 3)
+    swapped = _train(model, 3, references)
     assert plain.keys() == swapped.keys()
     assert all(torch.equal(plain[k], swapped[k]) for k in plain)
     assert len(swapper.events) == 3 * 4 * 4  # per step, per block: in/out in forward and in backward
