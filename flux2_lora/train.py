@@ -1,9 +1,10 @@
 """The training loop, top to bottom: setup -> cache -> LoRA -> fit (step, log, validate, checkpoint) -> export.
 
-The step is `Trainer._fit()`: each pass of its `while` loop takes one micro-batch, draws its noise, sigmas, flips
-and caption dropout (`_draw`), builds position ids (`_position_ids`), runs the flow-matching loss, backward and,
-once per optimizer step, clips and steps (`_step_unless`: the update is skipped on a NaN/inf), then logs,
-validates (`validation_loss`, `validate_and_sample`) and checkpoints. `setup()` above it builds everything the
+The step is `Trainer._fit()`: each pass of its `while` loop takes one micro-batch, draws its noise, sigmas, flips,
+caption dropout and references (`draws.draw_batch`), runs the flow-matching loss (`_flow_loss`: position ids from
+`_position_ids`, one forward per reference layout), backward and, once per optimizer step, clips and steps
+(`_step_unless`: the update is skipped on a NaN/inf), then logs, validates (`validation_loss`,
+`validate_and_sample`) and checkpoints. `setup()` above it builds everything the
 loop reads (model, LoRA, optimizer, data plan, callbacks); `run()` at the bottom is setup + fit.
 
 Everything random in the loop comes from the seed: the data order from (seed, epoch), and each sample's caption
@@ -11,6 +12,7 @@ dropout, flip, sigma and noise from (seed, data pass, sample key), so a killed r
 as an uninterrupted one, and the number of processes does not change the draws.
 
 What is not the loop lives elsewhere (none of these modules imports this one):
+  - `draws.py`             every random draw of a sample (flip, caption dropout, sigma, noise, references);
   - `distributed.py`       the multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3), applied in one place
                            (`make_accelerator`), and the sharded-state helpers;
   - `optim.py`             the optimizer and lr schedule (`make_optimizer`, `skips_on_device`, `make_lr_scheduler`);
@@ -24,7 +26,6 @@ What is not the loop lives elsewhere (none of these modules imports this one):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -65,8 +66,9 @@ from .distributed import (
     strategy_applied,
     whole,
 )
+from .draws import Refs, draw_batch
 from .evaluate.callback import TrainingQuality
-from .flow import flow_loss, latent_ids, pack_references, reference_ids, sample_sigmas, text_ids
+from .flow import flow_loss, latent_ids, pack_references, reference_ids, text_ids
 from .model import (
     DTYPES,
     ModelError,
@@ -88,13 +90,6 @@ from .swap import BlockSwapper, attach_block_swap
 from .train_checkpoint import TrainState
 
 log = logging.getLogger("flux2_lora")
-Refs = tuple[torch.Tensor, ...]  # one sample's reference latents (C, H_i, W_i), in order
-
-
-def sample_seed(seed: int, data_pass: int, key: str) -> int:
-    """A stable 63-bit seed for one sample's random draws in one pass over the data."""
-    digest = hashlib.blake2b(f"{seed}:{data_pass}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class Trainer:
@@ -364,7 +359,7 @@ class Trainer:
         while self.state.step < t.max_steps and not stop_reason:
             batch = next(batches)
             epoch_trained += batch["trained"]
-            latents, embeds, sigmas, noise, refs = self._draw(batch)
+            latents, embeds, sigmas, noise, refs = draw_batch(batch, r.data, t, self.empty_embeds, self.pin)
             with acc.accumulate(self.model):
                 # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
                 per_sample = self._flow_loss(self.model, latents, embeds, sigmas, noise, refs)
@@ -486,55 +481,6 @@ class Trainer:
             reason = reason or self.callbacks["nan_guard"].update(not bad, first + i)
         self._nan_stop = self._nan_stop or bool(reason)
         return reason
-
-    def _draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Refs]]:
-        """(latents, prompt embeddings, sigmas, noise, references) of one batch, with its flips, caption dropout and
-        (for an editing dataset) each sample's references after reference dropout and data.max_references.
-
-        Every random draw of a sample comes from a generator seeded by (seed, data pass, sample key): a sample
-        gets the same noise, sigma, flip and dropout whichever process or batch it lands in, so a run gives the
-        same LoRA on any number of processes for the same global batches, and a resume needs no RNG state.
-        The reference draws use a generator of their own, so a dataset without references draws as before.
-        """
-        d, t = self.recipe.data, self.recipe.training
-        latents, embeds = batch["latents"], batch["prompt_embeds"]
-        all_refs: list[torch.Tensor] = batch.get("references", [])
-        sigmas, noises, refs = [], [], []
-        for j, (key, data_pass) in enumerate(zip(batch["keys"], batch["passes"], strict=True)):
-            # (a batch tensor is copied only when one of its samples changes)
-            g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
-            flip = d.random_flip and bool(torch.rand((), generator=g) < 0.5)
-            if flip:
-                latents = latents.clone() if latents is batch["latents"] else latents
-                latents[j] = batch["latents_flip"][j]
-            if d.caption_dropout > 0 and bool(torch.rand((), generator=g) < d.caption_dropout):
-                embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
-                embeds[j] = self.empty_embeds
-            sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
-            noises.append(torch.randn(latents.shape[1:], generator=g))
-            if all_refs:
-                source = batch["references_flip"] if flip else all_refs
-                chosen = self._choose_references(len(all_refs), sample_seed(t.seed, data_pass, key + "#references"))
-                refs.append(tuple(source[n][j] for n in chosen))
-            else:
-                refs.append(())
-        sigma, noise = torch.cat(sigmas), torch.stack(noises)
-        if self.pin:  # pinned host memory keeps the copies to the device asynchronous
-            latents = latents if latents is batch["latents"] else latents.pin_memory()
-            embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
-            sigma, noise = sigma.pin_memory(), noise.pin_memory()
-        return latents, embeds, sigma, noise, refs
-
-    def _choose_references(self, count: int, seed: int) -> tuple[int, ...]:
-        """Which of a sample's `count` references it trains with: none with probability data.reference_dropout,
-        else all of them, or a seeded choice of data.max_references of them in their order."""
-        d = self.recipe.data
-        g = torch.Generator().manual_seed(seed)
-        if d.reference_dropout > 0 and bool(torch.rand((), generator=g) < d.reference_dropout):
-            return ()
-        if count <= d.max_references:
-            return tuple(range(count))
-        return tuple(sorted(torch.randperm(count, generator=g)[: d.max_references].tolist()))
 
     def _flow_loss(
         self,

@@ -95,7 +95,7 @@ def save_checkpoint(trainer: Any) -> None:
             "num_workers": trainer.num_workers,
             "recipe": trainer.recipe.to_dict(),
         }
-        rng = {"torch": torch.get_rng_state()}  # LoRA dropout; the data draws need no state (see Trainer._draw)
+        rng = {"torch": torch.get_rng_state()}  # LoRA dropout; the data draws need no state (see draws.py)
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         path = ckpt.save_checkpoint(

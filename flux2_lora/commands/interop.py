@@ -36,8 +36,8 @@ def export(
         scale: LoRA strength for --merge.
         max_shard_size: Largest transformer shard for --merge.
     """
-    from ..interop.layouts import EXPORT_DTYPES, export_lora
     from ..interop.merge import merge_lora
+    from ..interop.write import EXPORT_DTYPES, export_lora
 
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype: must be one of {', '.join(EXPORT_DTYPES)} (got {dtype})")

@@ -1,7 +1,8 @@
 """LoRA files in the layouts other FLUX.2 tools use: read any, write ours in theirs, merge, start training from one.
 
   (flux2_lora/safety.py: only safetensors; pickle-based files are refused unopened)
-  layouts.py   the in-memory form, each layout's names, reading (any layout) and writing (diffusers, comfyui, kohya)
+  layouts.py   the in-memory form, each layout's names, reading any layout
+  write.py     writing ours in theirs (diffusers, comfyui, kohya): the tensors, the header, the file
   fit.py       which model a LoRA fits, train --init-lora, lora inspect
   merge.py     export --merge
 
@@ -50,33 +51,35 @@ from .fit import (
 )
 from .layouts import (
     ADAPTER_METADATA_KEY,
-    EXPORT_DTYPES,
     EXPORT_FORMATS,
     FORMATS,
     LoraFile,
     LoraModule,
-    adapter_config,
     bfl_from_kohya,
     check_alpha_metadata,
     check_finite,
-    check_output_file,
-    convert_tensors,
     describe_targets,
     detect_format,
-    export_lora,
-    export_metadata,
     from_bfl,
-    fuse,
     kohya_stem,
     load_lora,
     parse_lora,
-    require_plain,
     scan_lora_file,
     split_fused,
     to_bfl,
-    write_lora,
 )
 from .merge import MERGE_INFO, check_output_folder, merge_lora
+from .write import (
+    EXPORT_DTYPES,
+    adapter_config,
+    check_output_file,
+    convert_tensors,
+    export_lora,
+    export_metadata,
+    fuse,
+    require_plain,
+    write_lora,
+)
 
 __all__ = [
     "ADAPTER_METADATA_KEY",

@@ -13,7 +13,8 @@ import torch
 from ..checkpoint import os_reason
 from ..safety import LoraFileError, require_safetensors_folder
 from .fit import check_family, check_fits, model_config
-from .layouts import _missing_folders, adapter_config, convert_tensors, load_lora, require_plain
+from .layouts import load_lora
+from .write import _missing_folders, adapter_config, convert_tensors, require_plain
 
 MERGE_INFO = "merged_lora.json"
 

@@ -147,6 +147,7 @@ def test_a_run_started_from_a_lora_starts_at_its_loss(
 ) -> None:
     """First-step training loss and step-0 validation loss equal those of the LoRA loaded by diffusers' loader."""
     from flux2_lora.cli import parse_train
+    from flux2_lora.draws import draw_batch
     from flux2_lora.flow import flow_loss
     from flux2_lora.model import load_transformer, pipeline_class
     from flux2_lora.train import Trainer
@@ -167,7 +168,7 @@ def test_a_run_started_from_a_lora_starts_at_its_loss(
     sd, md = cls.lora_state_dict(str(lora_path), return_lora_metadata=True)
     cls.load_lora_into_transformer(sd, transformer=ref, metadata=md)
     batch = next(trainer._batches())
-    latents, embeds, sigmas, noise = trainer._draw(batch)
+    latents, embeds, sigmas, noise, _ = draw_batch(batch, recipe.data, recipe.training, trainer.empty_embeds)
     img_ids, txt_ids = trainer._position_ids(latents, embeds)
     guidance = trainer.guidance.expand(len(latents)) if trainer.guidance is not None else None
     args = (latents, embeds, sigmas, noise, img_ids, txt_ids, guidance, recipe.training.loss_weighting)

@@ -1,0 +1,76 @@
+"""Every random draw of a training sample, from (seed, data pass, sample key) alone.
+
+A sample gets the same flip, caption dropout, sigma, noise and (editing) reference choice whichever process or
+micro-batch it lands in and whether or not the run was resumed: the draws need no RNG state, and N processes give
+the LoRA of one process with the same global batches. The reference draws (reference dropout, the choice of
+data.max_references) use a generator of their own, so a dataset without references draws exactly as before they
+existed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from .flow import sample_sigmas
+
+Refs = tuple[torch.Tensor, ...]  # one sample's reference latents (C, H_i, W_i), in order
+
+
+def sample_seed(seed: int, data_pass: int, key: str) -> int:
+    """A stable 63-bit seed for one sample's random draws in one pass over the data."""
+    digest = hashlib.blake2b(f"{seed}:{data_pass}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def choose_references(count: int, seed: int, dropout: float, most: int) -> tuple[int, ...]:
+    """Which of a sample's `count` references it trains with: none with probability `dropout`, else all of them,
+    or a seeded choice of `most` of them in their order."""
+    g = torch.Generator().manual_seed(seed)
+    if dropout > 0 and bool(torch.rand((), generator=g) < dropout):
+        return ()
+    if count <= most:
+        return tuple(range(count))
+    return tuple(sorted(torch.randperm(count, generator=g)[:most].tolist()))
+
+
+def draw_batch(
+    batch: dict[str, Any], data: Any, training: Any, empty_embeds: torch.Tensor, pin: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Refs]]:
+    """(latents, prompt embeddings, sigmas, noise, references) of one micro-batch (`data.stream.collate`), with its
+    flips, caption dropout and, for an editing dataset, each sample's references after reference dropout and
+    data.max_references. `data`/`training` are the recipe's groups; `pin` pins host copies for the GPU."""
+    d, t = data, training
+    latents, embeds = batch["latents"], batch["prompt_embeds"]
+    all_refs: list[torch.Tensor] = batch.get("references", [])
+    sigmas, noises, refs = [], [], []
+    for j, (key, data_pass) in enumerate(zip(batch["keys"], batch["passes"], strict=True)):
+        # (a batch tensor is copied only when one of its samples changes)
+        g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
+        flip = d.random_flip and bool(torch.rand((), generator=g) < 0.5)
+        if flip:
+            latents = latents.clone() if latents is batch["latents"] else latents
+            latents[j] = batch["latents_flip"][j]
+        if d.caption_dropout > 0 and bool(torch.rand((), generator=g) < d.caption_dropout):
+            embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
+            embeds[j] = empty_embeds
+        sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
+        noises.append(torch.randn(latents.shape[1:], generator=g))
+        if all_refs:  # a flipped target trains with flipped references
+            source = batch["references_flip"] if flip else all_refs
+            seed = sample_seed(t.seed, data_pass, key + "#references")
+            chosen = choose_references(len(all_refs), seed, d.reference_dropout, d.max_references)
+            refs.append(tuple(source[n][j] for n in chosen))
+        else:
+            refs.append(())
+    sigma, noise = torch.cat(sigmas), torch.stack(noises)
+    if pin:  # pinned host memory keeps the copies to the device asynchronous
+        latents = latents if latents is batch["latents"] else latents.pin_memory()
+        embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
+        sigma, noise = sigma.pin_memory(), noise.pin_memory()
+    return latents, embeds, sigma, noise, refs
+
+
+__all__ = ["Refs", "choose_references", "draw_batch", "sample_seed"]
