@@ -98,7 +98,7 @@ def analyze(*, dataset: str, output: str = "analysis.png", model: str | None = N
     from ..data.tokens import load_tokenizer
     from ..data.validate import dataset_root
 
-    dataset_root(dataset)
+    dataset = str(dataset_root(dataset))
     tokenizer = load_tokenizer(model)[0] if model else None
     stats = analyze_dataset(dataset, tokenizer=tokenizer)
     print(format_analysis(stats))

@@ -118,7 +118,13 @@ class Caption:
 
 
 def dataset_root(root: str | os.PathLike[str]) -> Path:
-    """The dataset folder, resolved; a missing one is a one-line DataError."""
+    """The dataset folder, resolved (`builtin:sample`, `builtin:edit`: generated once); a missing one is a one-line
+    DataError."""
+    from ..config import BUILTIN_DATASETS
+    from .sample import resolve_dataset
+
+    if str(root) in BUILTIN_DATASETS:
+        return resolve_dataset(str(root)).resolve()
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"{path}: dataset folder does not exist")

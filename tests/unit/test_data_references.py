@@ -390,3 +390,16 @@ def test_augment_skips_items_with_broken_references(broken: Path, tmp_path: Path
     for name in ("many.png", "twice.png", "gone.png", "up.png", "orphan_ref0.png", "corrupt.png"):
         assert f"{name}: skipped (" in text, name
     assert "good.png" not in text
+
+
+def test_the_builtin_edit_dataset_validates_and_analyzes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data validate builtin:edit` and `data analyze --dataset builtin:edit` read the generated folder."""
+    monkeypatch.setenv("FLUX2_LORA_HOME", str(tmp_path / "home"))
+    assert main(["data", "validate", "builtin:edit", "--min-resolution", "64"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "12 images: 12 ok, 12 with references (16 reference images), 0 errors, 0 warnings"
+    )
+    assert main(["data", "analyze", "--dataset", "builtin:edit", "--output", str(tmp_path / "a.png")]) == 0
+    assert "references: 16 in 12 items" in capsys.readouterr().out
