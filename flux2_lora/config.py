@@ -31,6 +31,9 @@ MAX_REFERENCES = 10
 BUILTIN_DATASETS = ("builtin:sample", "builtin:edit")
 MAX_SEQUENCE_LENGTH = 4096
 MAX_SEED = 2**32 - 1  # numpy's limit (accelerate.set_seed seeds numpy too)
+# FLUX.2-dev's transformer is 6144 wide (48 heads x 128): a LoRA of that rank is already full rank on its
+# narrowest layers, and a larger one only allocates more.
+MAX_LORA_RANK = 6144
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 LoraTargets = Literal["attention", "attention+single", "all-linear"]
@@ -138,6 +141,34 @@ class LoraArgs:
 
 
 @dataclass
+class SourceArgs:
+    """One source of `data.datasets`: a folder, raw shards or a cache, with its own settings. A field left unset
+    takes the `data.*` value of the same name (a regularisation source takes no trigger unless it names one)."""
+
+    path: str = ""
+    """Image folder, raw shards or cache folder, as `data.dataset`."""
+    role: str = "train"
+    """`train`, or `regularisation`: prior-preservation images trained at data.prior_loss_weight, never held out."""
+    repeats: int | None = None
+    """How many times each of its images appears per epoch (sources are drawn in proportion to repeats x size)."""
+    trigger: str | None = None
+    """Trigger word for this source's captions ("" for none)."""
+    instance_prompt: str | None = None
+    """Caption for this source's images that have no .txt file."""
+    caption_dropout: float | None = None
+    """Probability of training one of its samples on the empty prompt."""
+    resolution: int | None = None
+    """Its target side length."""
+    resolutions: list[int] | None = None
+    """Several side lengths: each image is cached and trained at every one of them."""
+    mask_dir: str | None = None
+    """A folder of loss masks named like the images (`name.png`, white = train); masks beside the images
+    (`name.mask.png`) need none."""
+    holdout: int | None = None
+    """Images of this source held out for the validation loss (regularisation sources: always 0)."""
+
+
+@dataclass
 class DataArgs:
     """The training images and captions."""
 
@@ -178,6 +209,31 @@ class DataArgs:
     every core and a cached read is cheap), else up to 4 per GPU process. It does not change the data order."""
     shuffle_buffer: int = 256
     """Unused: an epoch is a full shuffle of the global batches (data/stream.py). Accepted so older recipes parse."""
+    datasets: list[SourceArgs] = field(default_factory=list)
+    """Several sources in one recipe (each: path, role, repeats, trigger, instance_prompt, caption_dropout,
+    resolution(s), mask_dir, holdout); `data.dataset` is the short form of a list of one. Each source has its own
+    cache, so adding one does not rebuild the others."""
+    resolutions: list[int] | None = None
+    """Several side lengths (e.g. [512, 768, 1024]): every image is cached and trained at each; a global batch
+    stays one bucket of one resolution. Unset: data.resolution alone."""
+    mask_dir: str | None = None
+    """A folder of loss masks named like the images (`name.png`, white = train, black = ignore); masks beside the
+    images (`name.mask.png`) are found without it. The loss of a masked sample is its mean over the mask."""
+    prior_loss_weight: float = 1.0
+    """Weight of the loss of `role: regularisation` samples against the training samples'."""
+    prior_target: Literal["image", "base"] = "image"
+    """What regularisation samples train towards: `image` (their own images, DreamBooth prior preservation) or
+    `base` (the base model's prediction with the LoRA off, one extra forward per regularisation sample)."""
+    caption_shuffle: bool = False
+    """Shuffle the comma-separated tags of each caption (keeping the first data.keep_tokens), seeded per sample."""
+    keep_tokens: int = 0
+    """Tags at the front of a caption that caption_shuffle and tag_dropout leave in place (the trigger is kept
+    in front anyway)."""
+    tag_dropout: float = 0.0
+    """Probability of dropping each tag (past keep_tokens), seeded per sample."""
+    caption_variants: int = 0
+    """Caption variants cached per image when captions are shuffled or tags dropped (embeddings are cached: each
+    variant costs one prompt embedding per image, ~15.7 MB on FLUX.2-dev); 0: 1, or 8 with shuffle/dropout."""
 
 
 @dataclass
@@ -454,63 +510,25 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     )
     if m.text_encoder_layers is not None:
         _require(len(m.text_encoder_layers) > 0, "model.text_encoder_layers", "must list at least one layer")
-    _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    _require(
+        1 <= lo.rank <= MAX_LORA_RANK,
+        "lora.rank",
+        f"must be in 1..{MAX_LORA_RANK} (FLUX.2-dev's transformer width; a higher rank adds nothing), got {lo.rank}",
+    )
     _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _require(
+        lo.alpha is None or lo.alpha <= 1000 * lo.rank,
+        "lora.alpha",
+        f"must be at most 1000 x lora.rank (the update is scaled by alpha / rank; usual values are rank to 2 x rank), "
+        f"got {lo.alpha}",
+    )
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     if lo.init_from is not None:
         _require(user_path(lo.init_from, "lora.init_from").exists(), "lora.init_from", f"{lo.init_from} does not exist")
         _require(not lo.use_dora, "lora.init_from", "cannot seed a DoRA adapter (set lora.use_dora false)")
-    _require(d.dataset is not None or not need_data, "data.dataset", "is required (a folder of images + .txt captions)")
-    pattern = d.dataset is not None and (d.dataset.startswith("pipe:") or "{" in d.dataset)  # checked when read
-    if need_data and d.dataset is not None and not pattern:
-        if d.dataset.startswith("builtin:"):
-            _require(
-                d.dataset in BUILTIN_DATASETS,
-                "data.dataset",
-                f"unknown builtin {d.dataset!r} (use {' or '.join(BUILTIN_DATASETS)})",
-            )
-        else:
-            path = user_path(d.dataset, "data.dataset")
-            _require(path.exists(), "data.dataset", f"{d.dataset} does not exist")
-            _require(
-                path.is_dir() or path.suffix == ".tar", "data.dataset", f"{d.dataset} is not a folder or a .tar shard"
-            )
-    _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
-    _require(d.repeats >= 1, "data.repeats", f"must be >= 1, got {d.repeats}")
-    _require(
-        d.resolution >= 16 and d.resolution % 16 == 0,
-        "data.resolution",
-        f"must be a multiple of 16, got {d.resolution}",
-    )
-    _require(
-        d.resolution <= MAX_RESOLUTION,
-        "data.resolution",
-        f"must be at most {MAX_RESOLUTION} (FLUX.2 renders up to 4 megapixels, {MAX_RESOLUTION}x{MAX_RESOLUTION}), "
-        f"got {d.resolution}",
-    )
-    _require(
-        len(d.bucket_aspects) > 0 and all(0.1 <= a <= 10 for a in d.bucket_aspects),
-        "data.bucket_aspects",
-        "must list aspect ratios between 0.1 and 10",
-    )
-    _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
-    _require(
-        1 <= d.max_references <= MAX_REFERENCES,
-        "data.max_references",
-        f"must be 1..{MAX_REFERENCES} (FLUX.2 takes up to {MAX_REFERENCES} reference images), got {d.max_references}",
-    )
-    _require(
-        0.0 <= d.reference_dropout <= 1.0, "data.reference_dropout", f"must be in [0, 1], got {d.reference_dropout}"
-    )
-    _require(
-        d.max_reference_pixels >= 64 * 64,
-        "data.max_reference_pixels",
-        f"must be at least 4096 (64x64, the pipeline's smallest image), got {d.max_reference_pixels}",
-    )
-    _require(
-        d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", f"must be auto or >= 0, got {d.num_workers}"
-    )
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
+    from .sources import check_data, dataset_dirs
+
+    check_data(recipe, need_data)
     _require(t.max_steps >= 1, "training.max_steps", f"must be >= 1, got {t.max_steps}")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(
@@ -557,12 +575,11 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(bool(o.dir), "output.dir", "must not be empty")
     out = user_path(o.dir, "output.dir")
     _require(not out.exists() or out.is_dir(), "output.dir", f"{o.dir} is a file, not a folder; choose a folder")
-    if d.dataset is not None and not pattern and not d.dataset.startswith("builtin:"):
-        data_dir = user_path(d.dataset, "data.dataset").resolve()
+    for name, data_dir in dataset_dirs(d):
         _require(
-            not (data_dir.is_dir() and _inside(out.resolve(), data_dir)),
+            not _inside(out.resolve(), data_dir),
             "output.dir",
-            f"{o.dir} is inside data.dataset {d.dataset}: the next run would train on this run's samples and plots; "
+            f"{o.dir} is inside {name} {data_dir}: the next run would train on this run's samples and plots; "
             "choose an output folder outside the dataset",
         )
     _require(o.checkpoint_every >= 0, "output.checkpoint_every", f"must be >= 0, got {o.checkpoint_every}")

@@ -4,7 +4,7 @@ A sample gets the same flip, caption dropout, sigma, noise and (editing) referen
 micro-batch it lands in and whether or not the run was resumed: the draws need no RNG state, and N processes give
 the LoRA of one process with the same global batches. The reference draws (reference dropout, the choice of
 data.max_references) use a generator of their own, so a dataset without references draws exactly as before they
-existed.
+existed; so does the choice of a cached caption variant (data/captions.py), made where the sample is read.
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ def sample_seed(seed: int, data_pass: int, key: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def choose_caption_variant(count: int, seed: int) -> int:
+    """Which of a sample's `count` cached caption variants it trains with in one pass (data/captions.py): a uniform
+    choice from `seed` = sample_seed(seed, data pass, draw key + "#caption"), a generator of its own."""
+    if count <= 1:
+        return 0
+    return int(torch.randint(count, (), generator=torch.Generator().manual_seed(seed)))
+
+
 def choose_references(count: int, seed: int, dropout: float, most: int) -> tuple[int, ...]:
     """Which of a sample's `count` references it trains with: none with probability `dropout`, else all of them,
     or a seeded choice of `most` of them in their order."""
@@ -38,22 +46,28 @@ def choose_references(count: int, seed: int, dropout: float, most: int) -> tuple
 
 def draw_batch(
     batch: dict[str, Any], data: Any, training: Any, empty_embeds: torch.Tensor, pin: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Refs]]:
-    """(latents, prompt embeddings, sigmas, noise, references) of one micro-batch (`data.stream.collate`), with its
-    flips, caption dropout and, for an editing dataset, each sample's references after reference dropout and
-    data.max_references. `data`/`training` are the recipe's groups; `pin` pins host copies for the GPU."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Refs], torch.Tensor | None]:
+    """(latents, prompt embeddings, sigmas, noise, references, loss mask) of one micro-batch (`data.stream.collate`),
+    with its flips, caption dropout and, for an editing dataset, each sample's references after reference dropout and
+    data.max_references; the loss mask (B, h, w) is None without masks, a flipped sample's flipped (data/masks.py).
+    `data`/`training` are the recipe's groups; `pin` pins host copies for the GPU."""
     d, t = data, training
-    latents, embeds = batch["latents"], batch["prompt_embeds"]
+    latents, embeds, mask = batch["latents"], batch["prompt_embeds"], batch.get("mask")
     all_refs: list[torch.Tensor] = batch.get("references", [])
     sigmas, noises, refs = [], [], []
+    dropouts = batch.get("caption_dropout") or [None] * len(batch["keys"])  # per sample: its source's
     for j, (key, data_pass) in enumerate(zip(batch["keys"], batch["passes"], strict=True)):
+        caption_dropout = d.caption_dropout if dropouts[j] is None else dropouts[j]
         # (a batch tensor is copied only when one of its samples changes)
         g = torch.Generator().manual_seed(sample_seed(t.seed, data_pass, key))
         flip = d.random_flip and bool(torch.rand((), generator=g) < 0.5)
         if flip:
             latents = latents.clone() if latents is batch["latents"] else latents
             latents[j] = batch["latents_flip"][j]
-        if d.caption_dropout > 0 and bool(torch.rand((), generator=g) < d.caption_dropout):
+            if mask is not None:
+                mask = mask.clone() if mask is batch["mask"] else mask
+                mask[j] = batch["mask_flip"][j]
+        if caption_dropout > 0 and bool(torch.rand((), generator=g) < caption_dropout):
             embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
             embeds[j] = empty_embeds
         sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
@@ -70,7 +84,8 @@ def draw_batch(
         latents = latents if latents is batch["latents"] else latents.pin_memory()
         embeds = embeds if embeds is batch["prompt_embeds"] else embeds.pin_memory()
         sigma, noise = sigma.pin_memory(), noise.pin_memory()
-    return latents, embeds, sigma, noise, refs
+        mask = mask if mask is None or mask is batch["mask"] else mask.pin_memory()
+    return latents, embeds, sigma, noise, refs, mask
 
 
-__all__ = ["Refs", "choose_references", "draw_batch", "sample_seed"]
+__all__ = ["Refs", "choose_caption_variant", "choose_references", "draw_batch", "sample_seed"]

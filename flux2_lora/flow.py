@@ -7,6 +7,8 @@ Prompts and latents are encoded exactly as diffusers' Flux2Pipeline / Flux2Klein
   image   -> VAE latent_dist.mode() -> 2x2 patchify -> batch-norm normalise -> pack (B, H*W, C)
   ids     -> text (0, 0, 0, l), image (0, h, w, 0)
   noise   -> x_t = (1 - sigma) * x0 + sigma * eps,  target = eps - x0,  transformer timestep = sigma
+  loss    -> squared error, mean over channels and tokens; with a loss mask (data/masks.py) the tokens' mean
+             weighted by it (`flow_loss`)
 
 Editing (reference images, `Flux2Pipeline(image=[...])`): each reference is scaled down to the pixel limit if larger,
 its sides floored to multiples of 16 and center-cropped (`reference_pixels`), encoded like an image, packed, and its
@@ -192,6 +194,37 @@ def frozen_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p for p in model.parameters() if not p.requires_grad).dtype
 
 
+def predict(
+    transformer: Any,
+    noisy: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: torch.Tensor | None,
+    references: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The transformer's prediction (B, H*W, C) for the noisy target latents (B, C, H, W), as the pipeline calls
+    it: clean reference tokens (B, N, C) after the target's, the prediction cut back to the target's tokens."""
+    model_dtype = frozen_dtype(transformer)
+    hidden = pack(noisy)
+    tokens = hidden.shape[1]
+    if references is not None:  # clean reference tokens after the noisy target's, as the pipeline's denoising loop
+        hidden = torch.cat([hidden, references.to(hidden.dtype)], dim=1)
+    return transformer(
+        hidden_states=hidden.to(model_dtype),
+        encoder_hidden_states=prompt_embeds.to(model_dtype),
+        timestep=sigmas.to(model_dtype),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance,
+        return_dict=False,
+    )[0][:, :tokens]
+
+
+MASK_AREA_MIN = 1e-6  # a mask's area (the sum of its weights, in tokens) is clamped to this: all zeros give 0
+
+
 def flow_loss(
     transformer: Any,
     latents: torch.Tensor,
@@ -204,30 +237,55 @@ def flow_loss(
     weighting: str = "none",
     reduce: bool = True,
     references: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss for one batch.
 
     latents: (B, C, H, W) normalised patchified latents, all of one size; noise like latents;
     sigmas: (B,). references: packed reference tokens (B, N, C) (`pack_references`) or None; img_ids then covers
-    the target's tokens followed by the references' (`latent_ids` then `reference_ids`). Returns the mean weighted
-    MSE between the prediction on the target tokens and noise - latents (or per-sample losses when reduce=False).
+    the target's tokens followed by the references' (`latent_ids` then `reference_ids`). target: packed target
+    tokens (B, H*W, C) to regress to instead of noise - latents (a regularisation sample trained towards the base
+    model's prediction). Returns the mean weighted MSE between the prediction on the target tokens and the target
+    (or per-sample losses when reduce=False).
+    mask: loss weights (B, H, W) in 0..1 on the latent grid (data/masks.py) or None: each token's squared error
+    (mean over channels) is weighted by its mask value (`pack`'s token order: row by row) and a sample's sum is
+    divided by its mask's sum (clamped to MASK_AREA_MIN), so a masked sample's loss is its mean over the masked area.
     """
     noisy = add_noise(latents, noise, sigmas)
-    target = noise - latents
-    model_dtype = frozen_dtype(transformer)
-    hidden = pack(noisy)
-    tokens = hidden.shape[1]
-    if references is not None:  # clean reference tokens after the noisy target's, as the pipeline's denoising loop
-        hidden = torch.cat([hidden, references.to(hidden.dtype)], dim=1)
-    pred = transformer(
-        hidden_states=hidden.to(model_dtype),
-        encoder_hidden_states=prompt_embeds.to(model_dtype),
-        timestep=sigmas.to(model_dtype),
-        img_ids=img_ids,
-        txt_ids=txt_ids,
-        guidance=guidance,
-        return_dict=False,
-    )[0][:, :tokens]
-    per_sample = F.mse_loss(pred.float(), pack(target).float(), reduction="none").mean(dim=(1, 2))
+    if target is None:
+        target = pack(noise - latents)
+    pred = predict(transformer, noisy, prompt_embeds, sigmas, img_ids, txt_ids, guidance, references)
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is None:
+        per_sample = error.mean(dim=(1, 2))
+    else:
+        weights = mask.reshape(mask.shape[0], -1).to(error.device, error.dtype)  # (B, H*W) in token order
+        per_sample = (error.mean(dim=2) * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=MASK_AREA_MIN)
     per_sample = per_sample * loss_weights(sigmas, weighting).to(per_sample.device)
     return per_sample.mean() if reduce else per_sample
+
+
+@torch.no_grad()
+def base_target(
+    transformer: Any,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: torch.Tensor | None,
+    references: torch.Tensor | None,
+    regularisation: torch.Tensor,
+) -> torch.Tensor:
+    """Packed targets (B, H*W, C) of a batch: for a regularisation sample the base model's own prediction (the
+    LoRA's adapters disabled on the unwrapped `transformer`) for its noisy input, for the others noise - latents
+    (data.prior_target: base, prior preservation towards what the model did before the LoRA)."""
+    transformer.disable_adapters()
+    try:
+        noisy = add_noise(latents, noise, sigmas)
+        base = predict(transformer, noisy, prompt_embeds, sigmas, img_ids, txt_ids, guidance, references)
+    finally:
+        transformer.enable_adapters()
+    return torch.where(regularisation.view(-1, 1, 1), base.float(), pack(noise - latents).float())

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .quant import is_quantizable
+from .sources import largest_resolution
 
 GiB = 2**30
 
@@ -234,7 +235,7 @@ class Setup:
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
         m, t = recipe.model, recipe.training
         return cls(
-            resolution=recipe.data.resolution,
+            resolution=largest_resolution(recipe.data),
             batch_size=t.batch_size,
             text_tokens=m.max_sequence_length,
             rank=recipe.lora.rank,

@@ -10,10 +10,13 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import checkpoint as ckpt
 from .config import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lock_output(out: Path) -> Any:
@@ -143,3 +146,12 @@ def storage_error(e: BaseException, out: Path) -> ckpt.CheckpointError | None:
             f"{text}; the last checkpoint, {ckpts[-1]}, is intact; {todo}continue with --resume latest"
         )
     return ckpt.CheckpointError(f"{text}; no checkpoint had been written yet; {todo}start again")
+
+
+def role_metrics(accelerator: Any, loss: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
+    """`loss_train` / `loss_regularisation` for metrics.jsonl: the mean plain loss of each role's samples over the
+    logging window, from per-role sums and counts (summed over processes; both are reset)."""
+    sums, counts = accelerator.reduce(loss, "sum").tolist(), accelerator.reduce(count, "sum").tolist()
+    loss.zero_()
+    count.zero_()
+    return {f"loss_{name}": sums[k] / counts[k] for k, name in enumerate(("train", "regularisation")) if counts[k] > 0}

@@ -16,6 +16,7 @@ from PIL import Image
 from .flow import frozen_dtype
 from .model import load_scheduler, load_vae, pipeline_class
 from .references import open_reference
+from .sources import largest_resolution
 
 BACKDROP = (40, 40, 40)  # behind the references in a strip or tile
 
@@ -89,7 +90,7 @@ def render_samples(trainer: Any, step: int, save: bool = True) -> list[Path]:
     cls = pipeline_class(src)
     pipe = cls(scheduler=load_scheduler(src), vae=vae, text_encoder=None, tokenizer=None, transformer=model)
     pipe.set_progress_bar_config(disable=True)
-    size = v.sample_resolution or r.data.resolution
+    size = v.sample_resolution or largest_resolution(r.data)
     out_dir = trainer.out / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

@@ -104,26 +104,28 @@ def dataset_references(recipe: Any) -> tuple[int, str]:
     from .data.shards import is_shard_spec
     from .errors import DataError
     from .flow import reference_size
+    from .sources import resolve_sources
 
     d = recipe.data
-    spec = d.dataset or ""
-    try:
-        if not spec or is_shard_spec(spec):
-            return 0, ""
-        root = Path(spec).expanduser() if not spec.startswith("builtin:") else resolve_dataset(spec)
-        if (root / "index.json").exists():
-            index = read_index_json(root)
-            sizes = [list(r) for info in index.train + index.val for r in (info.references or [])]
-        else:
-            sizes = []
-            for item in scan_folder(root, d.instance_prompt):
+    sizes: list[list[Any]] = []
+    for source in resolve_sources(d):  # every source of data.datasets (or data.dataset)
+        spec = source.path
+        try:
+            if not spec or is_shard_spec(spec):
+                continue
+            root = Path(spec).expanduser() if not spec.startswith("builtin:") else resolve_dataset(spec)
+            if (root / "index.json").exists():
+                index = read_index_json(root)
+                sizes += [list(r) for info in index.train + index.val for r in (info.references or [])]
+                continue
+            for item in scan_folder(root, source.instance_prompt, source.mask_dir):
                 with_sizes = []
                 for p in item.references:
                     with Image.open(p) as im:
                         with_sizes.append(reference_size(im.width, im.height, d.max_reference_pixels))
                 sizes.append(with_sizes)
-    except (DataError, OSError):
-        return 0, ""  # `data validate` and `train` report the dataset's problems; the plan counts what it can
+        except (DataError, OSError):
+            continue  # `data validate` and `train` report the dataset's problems; the plan counts what it can
     tokens = [sorted(((w // 16) * (h // 16) for w, h in refs), reverse=True)[: d.max_references] for refs in sizes]
     largest = max(tokens, key=sum, default=[])
     if not largest:

@@ -27,7 +27,6 @@ What is not the loop lives elsewhere (none of these modules imports this one):
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,17 +42,19 @@ from . import checkpoint as ckpt
 from . import interop, train_checkpoint
 from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, TrainingError, WallClock
 from .config import Recipe, validate
-from .data.cache import (
-    CacheIndex,
-    build_cache,
-    check_settings,
-    dataset_source,
-    prompt_embeddings,
-    read_index,
-    settings_for,
-)
+from .data.cache import prompt_embeddings
 from .data.folder import DataError
-from .data.stream import CachedSamples, GlobalBatches, RankBatchSampler, auto_workers, collate, describe
+from .data.mix import DataMix, prepare_mix
+from .data.stream import (
+    CachedSamples,
+    GlobalBatches,
+    RankBatchSampler,
+    collate,
+    describe,
+    division_line,
+    division_record,
+    num_workers,
+)
 from .distributed import (
     check_quantize_strategy,
     is_sharded,
@@ -68,7 +69,7 @@ from .distributed import (
 )
 from .draws import Refs, draw_batch
 from .evaluate.callback import TrainingQuality
-from .flow import flow_loss, latent_ids, pack_references, reference_ids, text_ids
+from .flow import base_target, flow_loss, latent_ids, pack_references, reference_ids, text_ids
 from .model import (
     DTYPES,
     ModelError,
@@ -84,7 +85,7 @@ from .model import (
 from .optim import make_lr_scheduler, make_optimizer, skips_on_device
 from .plots import loss_plot, progress_sheet
 from .quant import check_quantize
-from .run_files import init_trackers, lock_output, log_images, log_metrics, prepare_output, storage_error
+from .run_files import init_trackers, lock_output, log_images, log_metrics, prepare_output, role_metrics, storage_error
 from .sampling import render_samples
 from .swap import BlockSwapper, attach_block_swap
 from .train_checkpoint import TrainState
@@ -153,7 +154,8 @@ class Trainer:
         # Under DeepSpeed, models load as plain modules (see distributed.plain_loading).
         with plain_loading(acc):
             self.signals.stage = "the cache stage"
-            self.index = self._prepare_cache()
+            self.data = self._prepare_cache()
+            self.index = self.data.index  # the first cache: sample-prompt embeddings, the empty prompt
             text_dtype = encoder_dtype(r.model.dtype, self.device)
             if self.is_main:
                 prompt_embeddings(
@@ -163,11 +165,16 @@ class Trainer:
             acc.wait_for_everyone()
             self.sample_embeds = prompt_embeddings(self.index, r.validation.prompt_texts(), self.device, text_dtype)
             self.empty_embeds = self.index.extra()["empty"]
-            self.val_samples = self.index.val_samples()
-            self._print(
-                f"data  {r.data.dataset}: {self.index.num_train} training, {len(self.val_samples)} validation samples "
-                f"(cache {self.index.root})"
-            )
+            self.val_samples = self.data.val_samples()
+            if len(self.data.entries) == 1:
+                self._print(
+                    f"data  {r.data.dataset}: {self.index.num_train} training, {len(self.val_samples)} validation "
+                    f"samples (cache {self.index.root})"
+                )
+            else:
+                for line in self.data.describe():
+                    self._print(f"data  {line}")
+                self._print(f"data  {len(self.val_samples)} validation samples")
 
             self.signals.stage = "loading the transformer"
             # Transformer + LoRA.
@@ -213,6 +220,8 @@ class Trainer:
         placement = [False, True] if self.swapper is not None else None  # accelerate must not move swapped blocks
         self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer, device_placement=placement)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen base, every step
+        self._sharded = self.strategy in ("fsdp", "zero3")  # every process takes part in every forward
+        self._base_forward = r.data.prior_target == "base" and self.data.has_regularisation
         if acc.num_processes > 1:
             tensors = list(self.model.parameters())
             sharded = sum(is_sharded(p) for p in tensors)
@@ -227,10 +236,11 @@ class Trainer:
         # this rank reads only its slice of each (random access into the cached shards, see data/stream.py).
         t = r.training
         world = acc.num_processes
-        self.plan = GlobalBatches(self.index, self.global_batch, t.seed, r.data.repeats)
+        self.plan = GlobalBatches(self.data, self.global_batch, t.seed)
         if self.plan.num_samples == 0:
             raise DataError(f"data.dataset: {r.data.dataset} has no training samples after the holdout")
-        self.num_workers = self._num_workers()
+        # data.num_workers, with `auto` sized to the machine (the data order does not depend on it)
+        self.num_workers = num_workers(r.data.num_workers, self.device.type, acc.num_processes)
         self._print(describe(self.plan, t.batch_size, world, t.gradient_accumulation))
         self.guidance = (
             torch.full((1,), r.training.guidance_scale, device=self.device)
@@ -255,33 +265,13 @@ class Trainer:
             init_trackers(acc, r, self.out)
         self.metrics_file = self.out / "metrics.jsonl"
 
-    def _num_workers(self) -> int:
-        """data.num_workers, with `auto` sized to the machine (the data order does not depend on it)."""
-        n = self.recipe.data.num_workers
-        if n != "auto":
-            return n
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))  # set by torchrun
-        return auto_workers(self.device.type, local)
-
-    def _prepare_cache(self) -> CacheIndex:
-        """The cached shards for this recipe: an existing cache folder (checked), or built from a folder or shards."""
-        r, acc = self.recipe, self.accelerator
-        spec = r.data.dataset or ""
-        settings = settings_for(self.src, r)
-        if spec != "builtin:sample" and (Path(spec).expanduser() / "index.json").exists():
-            index = read_index(Path(spec).expanduser())
-            check_settings(index, settings)
-            return index
-        source, source_id = dataset_source(spec, r.data.instance_prompt)
-        cache_dir = self.out / "cache" / settings.digest(source_id)
-        if self.is_main:
-            text_dtype = encoder_dtype(r.model.dtype, self.device)
-            build_cache(
-                cache_dir, settings, source, self.device, text_dtype, force_cpu_loading=r.model.force_cpu_loading,
-                text_encoder_device=r.model.text_encoder_device,
-            )  # fmt: skip
-        acc.wait_for_everyone()
-        return read_index(cache_dir)
+    def _prepare_cache(self) -> DataMix:
+        """The cached shards of every source at every resolution (data/mix.py `prepare_mix`)."""
+        r = self.recipe
+        text_dtype = encoder_dtype(r.model.dtype, self.device)
+        return prepare_mix(
+            r, self.src, self.out / "cache", self.device, text_dtype, self.is_main, self.accelerator.wait_for_everyone
+        )
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """This rank's micro-batches from the current optimizer step on, epoch after epoch (never a skipped read)."""
@@ -291,7 +281,7 @@ class Trainer:
             start=self.state.step,
         )  # fmt: skip
         loader = DataLoader(
-            CachedSamples(self.index),
+            CachedSamples(self.data, self.recipe.training.seed),
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
@@ -302,20 +292,21 @@ class Trainer:
         )
         yield from loader
 
-    def _log_division(self, epoch: int, trained: int, complete: bool) -> None:
-        """Every rank's count of samples trained in the epoch, in metrics.jsonl; printed for the first epoch, when
-        the counts change and for an unfinished last epoch (a collective: every rank calls it at the same step)."""
-        counts = self.accelerator.gather(torch.tensor([trained], device=self.device)).tolist()
-        self._log({"step": self.state.step, "epoch": epoch, "samples_per_rank": counts, "epoch_complete": complete})
+    def _log_division(self, epoch: int, trained: int, by_source: list[int], complete: bool) -> None:
+        """Every rank's count of samples trained in the epoch (and, with several sources, every source's), in
+        metrics.jsonl; printed for the first epoch, when the counts change and for an unfinished last epoch (a
+        collective: every rank calls it at the same step)."""
+        mine = torch.tensor([[trained, *by_source]], device=self.device)
+        gathered = self.accelerator.gather(mine).view(-1, 1 + len(by_source)).tolist()
+        record = division_record(self.state.step, epoch, gathered, complete)
+        self._log(record)
         start, per_epoch = self._start_step, self.plan.steps_per_epoch
         since_resume = start // per_epoch == epoch and start % per_epoch != 0
+        counts = record["samples_per_rank"]
         if counts == self._printed_division and complete and not since_resume:
             return
         self._printed_division = counts if complete and not since_resume else None
-        total = self.plan.num_samples * self.recipe.data.repeats
-        note = (", counted since the resume" if since_resume else "") + ("" if complete else ", epoch not finished")
-        ranks = f"per rank {', '.join(map(str, counts))}" if len(counts) > 1 else "on 1 process"
-        self._print(f"epoch {epoch}: samples trained {ranks} ({sum(counts)} of {total}{note})")
+        self._print(division_line(record, self.plan.epoch_samples, since_resume))
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> Path | None:
@@ -347,6 +338,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)  # summed over the logging window, on the device
         step_loss = torch.zeros((), device=self.device)  # summed over one optimizer step's micro-batches
         loss_count = torch.zeros((), device=self.device)  # finite optimizer steps in the logging window
+        # With regularisation sources: the plain loss of each role's samples (training, regularisation), summed
+        # with their counts over the logging window.
+        role_loss, role_count = torch.zeros(2, device=self.device), torch.zeros(2, device=self.device)
         self._bad: list[torch.Tensor] = []  # per-step "update skipped" flags not yet read by the host
         self._nan_stop = False  # the NaN guard stopped the run
         last_log, last_log_step = time.perf_counter(), self.state.step
@@ -354,18 +348,30 @@ class Trainer:
         self._start_step = self.state.step
         self._printed_division = None
         epoch, epoch_trained = self.state.step // self.plan.steps_per_epoch, 0
+        by_source = [0] * len(self.data.sources)  # samples trained in the epoch, per source
         batches = self._batches()
         stop_reason = ""
         while self.state.step < t.max_steps and not stop_reason:
             batch = next(batches)
             epoch_trained += batch["trained"]
-            latents, embeds, sigmas, noise, refs = draw_batch(batch, r.data, t, self.empty_embeds, self.pin)
+            for source, w in zip(batch["sources"], batch["weights"].tolist(), strict=True):
+                by_source[source] += w > 0
+            latents, embeds, sigmas, noise, refs, mask = draw_batch(batch, r.data, t, self.empty_embeds, self.pin)
             with acc.accumulate(self.model):
                 # ---- the step: flow-matching loss on the LoRA, backward, clip, update ----
-                per_sample = self._flow_loss(self.model, latents, embeds, sigmas, noise, refs)
+                reg = batch["regularisation"]
+                per_sample = self._flow_loss(self.model, latents, embeds, sigmas, noise, refs, reg, mask)
                 # Weighted so that the gradient, averaged over processes, is the global batch's mean (stream.py);
-                # a zero weight (an empty slot of a short global batch) adds nothing.
-                loss = (per_sample * batch["weights"].to(self.device, non_blocking=True)).sum()
+                # a zero weight (an empty slot of a short global batch) adds nothing. Regularisation samples
+                # count data.prior_loss_weight times.
+                weights = batch["weights"].to(self.device, non_blocking=True)
+                if self.data.has_regularisation:
+                    weights = weights * torch.where(reg, r.data.prior_loss_weight, 1.0).to(self.device)
+                    roles = reg.long().to(self.device)
+                    trained = (batch["weights"] > 0).float().to(self.device)
+                    role_loss.index_add_(0, roles, per_sample.detach().float() * trained)
+                    role_count.index_add_(0, roles, trained)
+                loss = (per_sample * weights).sum()
                 acc.backward(loss)
                 step_loss += loss.detach()
                 if acc.sync_gradients:
@@ -401,10 +407,12 @@ class Trainer:
                 now = time.perf_counter()
                 mean_loss = acc.reduce(loss_sum / loss_count.clamp(min=1), reduction="mean").item()
                 lr = self.lr_scheduler.get_last_lr()[0]
+                roles = role_metrics(acc, role_loss, role_count) if self.data.has_regularisation else {}
                 self._log(
                     {
                         "step": step,
                         "loss": mean_loss,
+                        **roles,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "epoch": epoch,
@@ -416,8 +424,8 @@ class Trainer:
                 loss_count.zero_()
                 last_log, last_log_step = now, step
             if step % self.plan.steps_per_epoch == 0:  # an epoch is done: how its samples were divided
-                self._log_division(epoch, epoch_trained, complete=True)
-                epoch, epoch_trained = epoch + 1, 0
+                self._log_division(epoch, epoch_trained, by_source, complete=True)
+                epoch, epoch_trained, by_source = epoch + 1, 0, [0] * len(by_source)
             if r.validation.every_n_steps and step % r.validation.every_n_steps == 0 and step < t.max_steps:
                 val = self.validate_and_sample()
                 stop_reason = stop_reason or self.callbacks["early_stopping"].update(val, step)
@@ -432,7 +440,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if self.state.step % self.plan.steps_per_epoch:  # the same on every rank: a collective is safe
-            self._log_division(epoch, epoch_trained, complete=False)
+            self._log_division(epoch, epoch_trained, by_source, complete=False)
         stop_reason = stop_reason or self._check_nonfinite(self.state.step)
         if stop_reason:
             self._print(f"stopped at step {self.state.step}: {stop_reason}")
@@ -490,8 +498,13 @@ class Trainer:
         sigmas: torch.Tensor,
         noise: torch.Tensor,
         refs: list[Refs],
+        regularisation: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample flow-matching losses (B,) of a micro-batch.
+        """Per-sample flow-matching losses (B,) of a micro-batch (with a loss mask: each its mean over the mask).
+
+        With data.prior_target: base, a regularisation sample's target is the base model's prediction (the LoRA
+        off) for the same noisy input, instead of noise - latents.
 
         Samples whose references differ in number or size (after reference dropout and max_references) go through
         the transformer in separate forwards, one per reference layout: each sample's loss is the one it has alone."""
@@ -506,20 +519,31 @@ class Trainer:
                 pack_references([torch.stack([refs[j][n] for j in js]) for n in range(len(shapes))]) if shapes else None
             )
             img_ids, txt_ids = self._position_ids(lat, emb, shapes)
+            args = (
+                lat.to(self.device, non_blocking=True),
+                emb.to(self.device, non_blocking=True),
+                sigmas[pick].to(self.device, non_blocking=True),
+                noise[pick].to(self.device, non_blocking=True),
+                img_ids,
+                txt_ids,
+                self.guidance.expand(len(js)) if self.guidance is not None else None,
+            )
+            references = packed.to(self.device, non_blocking=True) if packed is not None else None
+            target = None
+            # Sharded (fsdp, zero3): every process runs every forward, so all take the base forward, needed or not.
+            if regularisation is not None and self._base_forward and (self._sharded or regularisation.any()):
+                base = self.accelerator.unwrap_model(self.model)
+                target = base_target(base, *args, references, regularisation[pick].to(self.device))
             parts.append(
                 flow_loss(
                     model,
-                    lat.to(self.device, non_blocking=True),
-                    emb.to(self.device, non_blocking=True),
-                    sigmas[pick].to(self.device, non_blocking=True),
-                    noise[pick].to(self.device, non_blocking=True),
-                    img_ids,
-                    txt_ids,
-                    self.guidance.expand(len(js)) if self.guidance is not None else None,
+                    *args,
                     self.recipe.training.loss_weighting,
                     reduce=False,
-                    references=packed.to(self.device, non_blocking=True) if packed is not None else None,
-                )
+                    references=references,
+                    target=target,
+                    mask=mask[pick].to(self.device, non_blocking=True) if mask is not None else None,
+                )  # fmt: skip
             )
             order += js
         per_sample = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -558,8 +582,9 @@ class Trainer:
             # An editing sample is scored with its references (the first data.max_references of them).
             count = min(len(item.get("references", [])), self.recipe.data.max_references)
             refs: list[Refs] = [tuple(item[f"ref.{k}"] for k in range(count))]
+            mask = item["mask"].unsqueeze(0) if "mask" in item else None  # a masked sample: its mean over the mask
             for s in v.sigmas:
-                loss = self._flow_loss(model, x0, embeds, torch.tensor([s]), noise, refs).mean()
+                loss = self._flow_loss(model, x0, embeds, torch.tensor([s]), noise, refs, None, mask).mean()
                 total += float(loss)
                 n += 1
         model.train(was_training)
@@ -573,8 +598,7 @@ class Trainer:
         self._print(f"step {step}: validation loss {val:.5f}")
         for hook in self.on_validation:
             hook(step, val)
-        sharded = self.strategy in ("fsdp", "zero3")  # every process takes part in a sharded forward
-        if self.recipe.validation.prompts and (self.is_main or sharded):
+        if self.recipe.validation.prompts and (self.is_main or self._sharded):
             paths = render_samples(self, step, save=self.is_main)
             if paths:
                 log_images(self.accelerator, paths, step)

@@ -19,6 +19,7 @@ from .callbacks import TrainingError
 from .distributed import all_finite, optimizer_state, trainable_state
 from .model import pipeline_class
 from .run_files import drop_metrics_after
+from .sources import largest_resolution
 
 # Version of the data order (data/stream.py): a checkpoint with another one resumes, but not bitwise.
 DATA_ORDER = 2
@@ -44,7 +45,7 @@ def lora_metadata(trainer: Any) -> dict[str, Any]:
         "alpha": r.lora.alpha if r.lora.alpha is not None else r.lora.rank,
         "targets": r.lora.targets,
         "steps": trainer.state.step,
-        "resolution": r.data.resolution,
+        "resolution": largest_resolution(r.data),
     }
 
 
@@ -130,10 +131,14 @@ def check_resume(trainer: Any) -> Path | None:
         check_state(trainer, path)
     trainer.accelerator.wait_for_everyone()  # every process has chosen before anything moves
     if trainer.is_main:
-        moved = ckpt.set_aside_after(root, start)
+        # A checkpoint from elsewhere (a set-aside folder, another run) continues another line of training: every
+        # checkpoint in `root` belongs to the line it replaces, older steps too (retention would delete them).
+        own = path is None or path.resolve().parent == root.resolve()
+        moved = ckpt.set_aside_after(root, start if own else -1)
         if moved:
+            why = f"after step {start}" if own else f"not the line of {path}"
             trainer._print(
-                f"resume: set aside {', '.join(p.name for p in moved)} (after step {start}, from the line of "
+                f"resume: set aside {', '.join(p.name for p in moved)} ({why}, from the line of "
                 f"training this resume replaces) in {moved[0].parent}"
             )
     trainer.accelerator.wait_for_everyone()

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from .masks import without_masks
 from .tokens import count_tokens
 from .validate import dataset_root, find_caption, image_files, read_metadata
 from .validate_refs import find_references
@@ -74,8 +75,8 @@ def analyze_dataset(root: str | os.PathLike[str], tokenizer: Any = None) -> dict
     per_image: list[dict[str, Any]] = []
     unreadable: list[str] = []
     missing = bad_captions = 0
-    refs = find_references(root_path, image_files(root_path), set(metadata))
-    images = [p for p in image_files(root_path) if p not in refs.files]
+    refs = find_references(root_path, without_masks(image_files(root_path)), set(metadata))
+    images = [p for p in without_masks(image_files(root_path)) if p not in refs.files]
     for path in tqdm(images, desc="analyze", unit="image", disable=None, leave=False):
         rel = path.relative_to(root_path).as_posix()
         try:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .fix import check_output_folder
 from .folder import DataError, load_image
+from .masks import without_masks
 from .validate import CAPTION_SUFFIX, dataset_root, find_caption, image_files, read_metadata
 from .validate_refs import find_references
 
@@ -90,9 +91,9 @@ def augment_folder(
     root_path = dataset_root(root)
     out_path = check_output_folder(root_path, out)
     metadata, _ = read_metadata(root_path)
-    refs = find_references(root_path, image_files(root_path), set(metadata))
+    refs = find_references(root_path, without_masks(image_files(root_path)), set(metadata))
     errors = refs.errors()
-    images = [p for p in image_files(root_path) if p not in refs.files]
+    images = [p for p in without_masks(image_files(root_path)) if p not in refs.files]
     names = _targets(root_path, images)
     written = 0
     skipped = [f"{refs.rel(p)}: skipped ({'; '.join(errors[p])})" for p in sorted(refs.files) if p in errors]

@@ -4,8 +4,8 @@ Output is a cache folder of webdataset shards that training reads as its one dat
 `cache_index`; its checks against index.json on every open: `cache_check`). The settings (model, text layers,
 sequence length, resolution, buckets, flips, holdout, text encoder quantization) are stored and checked: a cache made
 with other settings is refused with the difference named, never silently reused. Pass 1 runs the text encoder over
-the distinct captions (embeddings spill to a temp folder, so memory stays flat); pass 2 runs the VAE over the images
-and writes the shards.
+the distinct captions (embeddings spill to a temp folder, so memory stays flat; with caption shuffle or tag dropout,
+over the K caption variants of each caption: `captions`); pass 2 runs the VAE over the images and writes the shards.
 
 The text encoder (24 B for FLUX.2-dev) runs where `model.text_encoder_device` says: `auto` takes the GPU when its
 weights and a margin fit in the free memory (sizes read from the safetensors headers, nothing loaded), else the CPU.
@@ -36,7 +36,8 @@ from ..flow import encode_images, encode_prompts, reference_pixels
 from ..memory import TEXT_BATCH, GiB, text_encoder_bytes
 from ..model import ModelError, ModelSource, free, load_text_encoder, load_vae
 from ..quant import check_quantize
-from .buckets import bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
+from ..sources import Source, resolve_sources
+from .buckets import MULTIPLE, bucket_sizes, nearest_bucket, resize_to_bucket, to_tensor
 from .cache_check import CacheProblem, audit_cache, check_cache, read_index
 from .cache_index import (
     CACHE_VERSION,
@@ -56,6 +57,7 @@ from .cache_index import (
     read_index_json,
     rebuild_hint,
 )
+from .captions import TagRules, caption_settings, caption_variants, cost_line, embedding_width
 from .folder import DataError
 from .shards import CACHE_MEMBERS, RawSample, iter_tar, open_image
 
@@ -99,39 +101,55 @@ def full_caption(caption: str, trigger: str | None) -> str:
     return f"{trigger} {caption}".strip()
 
 
-def settings_for(src: ModelSource, recipe: Any) -> CacheSettings:
+def settings_for(
+    src: ModelSource, recipe: Any, source: Source | None = None, resolution: int | None = None
+) -> CacheSettings:
+    """The settings of one cache entry: `source` (default: the recipe's first) at `resolution` (its first)."""
     d = recipe.data
+    if source is None:
+        sources = resolve_sources(d)
+        source = sources[0] if sources else None
+    res = resolution or (source.resolutions[0] if source is not None else d.resolution)
     return CacheSettings(
         model=str(src.path.resolve()),
         family=src.family,
         text_layers=tuple(src.text_layers),
         max_sequence_length=recipe.model.max_sequence_length,
-        resolution=d.resolution,
-        buckets=tuple(bucket_sizes(d.resolution, d.buckets, d.bucket_aspects)),
+        resolution=res,
+        buckets=tuple(bucket_sizes(res, d.buckets, d.bucket_aspects)),
         random_flip=d.random_flip,
-        trigger=d.trigger or "",
-        holdout=d.holdout,
+        trigger=(source.trigger if source is not None else d.trigger) or "",
+        holdout=source.holdout if source is not None else d.holdout,
         seed=recipe.training.seed,
         text_encoder_quantize=getattr(recipe.model, "text_encoder_quantize", "none"),
         max_reference_pixels=d.max_reference_pixels,
+        **caption_settings(d),  # caption_shuffle, keep_tokens, tag_dropout, caption_variants (data/captions.py)
     )
 
 
-def dataset_source(spec: str, instance_prompt: str | None) -> tuple[Callable[[], Iterator[RawSample]], str]:
-    """(samples, source id) for a folder or raw-shard spec; the id changes when any file does."""
+def dataset_source(
+    spec: str, instance_prompt: str | None, mask_dir: str | None = None
+) -> tuple[Callable[[], Iterator[RawSample]], str]:
+    """(samples, source id) for a folder or raw-shard spec; the id changes when any file does (a loss mask too:
+    beside its image, or in mask_dir, data/masks.py)."""
     from .folder import scan_folder
     from .sample import resolve_dataset
     from .shards import expand_spec, is_shard_spec, iter_folder_samples, iter_raw_samples
 
     if is_shard_spec(spec):
+        if mask_dir is not None:
+            raise DataError(f"{mask_dir}: a mask folder for raw shards {spec}; their masks are <key>.mask.png members")
         stats = []
         for u in expand_spec(spec):  # local shards by size and mtime, remote ones by URL
             p = Path(u)
             stats.append(f"{u}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else u)
         return (lambda: iter_raw_samples(spec, instance_prompt)), json.dumps([spec, stats])
     root = resolve_dataset(spec)
-    items = scan_folder(root, instance_prompt)
-    ident = json.dumps([[*_stat(i.image), i.caption, *map(_stat, i.references)] for i in items])
+    items = scan_folder(root, instance_prompt, mask_dir)
+    ident = json.dumps(
+        [[*_stat(i.image), i.caption, *map(_stat, i.references), *([["mask", *_stat(i.mask)]] if i.mask else [])]
+         for i in items]
+    )  # fmt: skip
     return (lambda: iter_folder_samples(items, root)), ident
 
 
@@ -222,17 +240,32 @@ def build_cache(
     text_on = place_text_encoder(text_encoder_device, src, device, text_dtype, quantize, settings.max_sequence_length)
     check_quantize(quantize, text_on, "model.text_encoder_quantize")
 
-    # Pass 1: keys and captions; the text encoder embeds each distinct caption once (spilled to disk).
+    # Pass 1: keys and captions (K variants of each with caption shuffle / tag dropout: data/captions.py); the
+    # text encoder embeds each distinct caption once (spilled to disk).
     keys: list[str] = []
-    captions: dict[str, str] = {}
+    masked = False
+    captions: dict[str, list[str]] = {}  # per sample: its caption variants, trigger first (one without shuffling)
+    count, rules = settings.caption_variants, TagRules.of(settings)
     for s in tqdm(samples(), desc="cache: scan", unit="img", leave=False):
         if s.key in captions:
             raise DataError(f"{s.key}: duplicate sample key in the dataset")
         keys.append(s.key)
-        captions[s.key] = full_caption(s.caption, settings.trigger or None)
+        masked = masked or s.mask is not None  # then every sample gets a loss mask (ones without a file)
+        captions[s.key] = caption_variants(s.caption, settings.trigger or None, rules, settings.seed, s.key, count)
     if not keys:
         raise DataError("dataset: no samples")
-    unique = sorted(set(captions.values()) | {""})
+    unique = sorted({c for variants in captions.values() for c in variants} | {""})
+    width = embedding_width(src.path) if count > 1 else None
+    if width:  # what the variants cost, before the (long) encoding starts
+        layers = len(settings.text_layers)
+        tqdm.write(cost_line(count, settings.max_sequence_length, width, layers, text_dtype.itemsize, len(keys)))
+    same = sum(len(set(variants)) == 1 for variants in captions.values()) if count > 1 else 0
+    if same:
+        log.warning(
+            "data.caption_shuffle / data.tag_dropout: %d of %d captions have a single variant (one tag, or all kept "
+            "by data.keep_tokens: tags are separated by commas); their %d cached variants are the same caption",
+            same, len(keys), count,
+        )  # fmt: skip
     text_encoder, tokenizer = open_text_encoder(src, text_dtype, text_on, quantize, force_cpu_loading)
     for j in tqdm(range(0, len(unique), TEXT_BATCH), desc="cache: prompts", unit="batch", leave=False):
         chunk = unique[j : j + TEXT_BATCH]
@@ -265,11 +298,20 @@ def build_cache(
         pixels = to_tensor(resize_to_bucket(image, bucket)).unsqueeze(0)
         tensors = {
             "latents": encode_images(vae, pixels)[0].to("cpu").contiguous(),
-            "prompt_embeds": load_file(str(tmp / "embeds" / f"{_h(captions[s.key])}.safetensors"))["prompt_embeds"],
+            **{  # one embedding, or variants prompt_embeds.0 .. prompt_embeds.{K-1}
+                "prompt_embeds" if count == 1 else f"prompt_embeds.{k}": load_file(
+                    str(tmp / "embeds" / f"{_h(text)}.safetensors")
+                )["prompt_embeds"]
+                for k, text in enumerate(captions[s.key])
+            },
         }
         if settings.random_flip:
             tensors["latents_flip"] = encode_images(vae, pixels.flip(-1))[0].to("cpu").contiguous()
-        meta: dict[str, Any] = {"bucket": list(bucket), "caption": captions[s.key]}
+        if masked:
+            tensors.update(_mask_tensors(s, bucket, image.size, settings.random_flip))
+        meta: dict[str, Any] = {"bucket": list(bucket), "caption": captions[s.key][0]}
+        if count > 1:  # every variant's text (the caption above is variant 0, validation's)
+            meta["captions"] = captions[s.key]
         sizes_of_refs = []
         for n, ((data, _), name) in enumerate(zip(s.references, _names(s), strict=True)):
             # Encoded as the pipeline encodes an `image=` input; flipped with the target when it is flipped.
@@ -348,6 +390,32 @@ def _index_entry(root: Path, info: ShardInfo) -> dict[str, Any]:
     if info.references is not None:
         rows = [[*row, [list(r) for r in refs]] for row, refs in zip(rows, info.references, strict=True)]
     return {"url": info.url, "samples": rows}
+
+
+def _mask_tensors(s: RawSample, bucket: tuple[int, int], size: tuple[int, int], flip: bool) -> dict[str, torch.Tensor]:
+    """A sample's loss mask at the latent grid (data/masks.py): resized into the bucket as its image, then averaged
+    per 16x16 block; `mask_flip` flipped as latents_flip is. Ones for a sample without a mask."""
+    from .masks import is_black, latent_weights, open_mask
+
+    if s.mask is None:
+        weights = torch.ones(bucket[1] // MULTIPLE, bucket[0] // MULTIPLE)
+    else:
+        name = s.mask_name or f"{s.key} mask"
+        mask = open_mask(s.mask, name)
+        if mask.size != size:
+            w, h = mask.size
+            raise DataError(
+                f"{name}: mask is {w}x{h}, its image {size[0]}x{size[1]} (a mask must have its image's size)"
+            )
+        if is_black(mask):
+            raise DataError(f"{name}: mask is all black: nothing of its image would train (white = train)")
+        weights = latent_weights(mask, bucket)
+        if float(weights.max()) <= 0:
+            log.warning("%s: its white part lies outside the %dx%d crop of its image: it trains nothing", name, *bucket)
+    out = {"mask": weights.contiguous()}
+    if flip:
+        out["mask_flip"] = weights.flip(-1).contiguous()
+    return out
 
 
 def _names(s: RawSample) -> tuple[str, ...]:

@@ -1,14 +1,15 @@
 """A cache checked against its index.json: every shard, sample offset and tensor shape the index claims.
 
-A cache is checked against its index.json whenever it is opened (`read_index`), at a cost that does not grow with the
-samples' sizes: the index's types and keys (`cache_index.read_index_json`); every shard exists; each sample's bytes
-lie inside its shard, at a tar data boundary, without overlapping another's; the first and last sample of each shard
-and the first of each bucket have the tar header and safetensors shapes (latents C x h/16 x w/16, prompt_embeds
-max_sequence_length x D) their entry claims, and every other sample of a bucket has that sample's byte size; no tar
-member lies before a shard's first listed sample, after its last or in a gap wide enough for one (so the shard holds
-the samples listed, no more); extra.safetensors has the embedding of the settings' shape. `flux2-lora data validate
-CACHE` (`audit_cache`) reads every tar header and every sample's safetensors header instead. A mismatch is a
-`CacheCorrupt` (a DataError): one line naming the cache folder, the file, the sample and the reason, and what to do.
+A cache is checked against its index.json whenever it is opened (`read_index`), at a cost that does not grow with
+the samples' sizes: the index's types and keys (`cache_index.read_index_json`); every shard exists; each sample's
+bytes lie inside its shard, at a tar data boundary, without overlapping another's; the first and last sample of each
+shard and the first of each bucket have the tar header and safetensors shapes (latents C x h/16 x w/16,
+prompt_embeds max_sequence_length x D, or prompt_embeds.0 .. prompt_embeds.{K-1} with K caption variants) their
+entry claims, and every other sample of a bucket has that sample's byte size; no tar member lies before a shard's
+first listed sample, after its last or in a gap wide enough for one (so the shard holds the samples listed, no
+more); extra.safetensors has the embedding of the settings' shape. `flux2-lora data validate CACHE` (`audit_cache`)
+reads every tar header and every sample's safetensors header instead. A mismatch is a `CacheCorrupt` (a DataError):
+one line naming the cache folder, the file, the sample and the reason, and what to do.
 
 Shards are read by positioned reads (os.pread at the offsets index.json gives, through a small window), never
 sequentially: the tar and safetensors headers are parsed here from the bytes read.
@@ -262,18 +263,29 @@ class _Expect:
     channels: int | None = None
     dtypes: dict[str, str] = field(default_factory=dict)
     sizes: dict[Group, tuple[int, str]] = field(default_factory=dict)  # group -> (bytes, a sample's key)
+    variants: int = 1  # caption variants: K > 1 stores prompt_embeds.0 .. prompt_embeds.{K-1} (data/captions.py)
+    masked: bool | None = None  # every sample holds a loss mask (data/masks.py): learned from the first one checked
 
     @classmethod
     def of(cls, index: CacheIndex) -> _Expect:
         st = index.settings
-        return cls(st["max_sequence_length"], st["random_flip"], {(b[0], b[1]) for b in st["buckets"]})
+        buckets = {(b[0], b[1]) for b in st["buckets"]}
+        return cls(st["max_sequence_length"], st["random_flip"], buckets, variants=st.get("caption_variants", 1))
+
+    @property
+    def embeds(self) -> list[str]:
+        """The names of a sample's prompt embeddings."""
+        return ["prompt_embeds"] if self.variants == 1 else [f"prompt_embeds.{k}" for k in range(self.variants)]
 
     def tensors(self, tensors: dict[str, tuple[str, list[int]]], w: int, h: int, refs: Refs = ()) -> None:
         """_Bad when a sample's tensors are not those of a (w, h) sample of this cache with references of sizes refs."""
-        want = {"latents", "prompt_embeds"} | ({"latents_flip"} if self.flip else set())
+        want = {"latents", *self.embeds} | ({"latents_flip"} if self.flip else set())
         want |= {f"ref.{n}" for n in range(len(refs))} | (
             {f"ref_flip.{n}" for n in range(len(refs))} if self.flip else set()
         )
+        self.masked = "mask" in tensors if self.masked is None else self.masked
+        if self.masked:  # a dataset with loss masks: every sample has one (ones for an image without a mask file)
+            want |= {"mask", "mask_flip"} if self.flip else {"mask"}
         if set(tensors) != want:
             listed = f" (index.json lists {len(refs)} reference(s))" if refs or any("ref" in t for t in tensors) else ""
             raise _Bad(f"it holds tensors {sorted(tensors)}, a sample of this cache {sorted(want)}{listed}")
@@ -285,6 +297,10 @@ class _Expect:
                         f"index.json lists its reference {n} as {rw}x{rh}, whose latents are C x {rh // MULTIPLE} x "
                         f"{rw // MULTIPLE}; its {name} are {_shape(got)}"
                     )
+        grid = [h // MULTIPLE, w // MULTIPLE]
+        for name in [n for n in ("mask", "mask_flip") if n in tensors and tensors[n][1] != grid]:
+            why = f"index.json lists it as {w}x{h}, whose loss mask is {_shape(grid)} (the latent grid); its {name} is "
+            raise _Bad(why + _shape(tensors[name][1]))
         lat = tensors["latents"][1]
         if len(lat) != 3 or lat[1:] != [h // MULTIPLE, w // MULTIPLE]:
             found = f" (a {lat[2] * MULTIPLE}x{lat[1] * MULTIPLE} sample)" if len(lat) == 3 else ""
@@ -298,13 +314,14 @@ class _Expect:
             raise _Bad(f"its latents have {lat[0]} channels, the other samples' {self.channels}")
         if self.flip and tensors["latents_flip"][1] != lat:
             raise _Bad(f"its latents_flip are {_shape(tensors['latents_flip'][1])}, its latents {_shape(lat)}")
-        emb = tensors["prompt_embeds"][1]
-        if len(emb) != 2 or emb[0] != self.seq or (self.dim is not None and emb[1] != self.dim):
-            want_emb = f"{self.seq}x{self.dim}" if self.dim is not None else f"{self.seq} x D"
-            raise _Bad(
-                f"its prompt_embeds are {_shape(emb)}, this cache's are {want_emb} (settings.max_sequence_length "
-                "x the width of extra.safetensors)"
-            )
+        for name in self.embeds:
+            emb = tensors[name][1]
+            if len(emb) != 2 or emb[0] != self.seq or (self.dim is not None and emb[1] != self.dim):
+                want_emb = f"{self.seq}x{self.dim}" if self.dim is not None else f"{self.seq} x D"
+                raise _Bad(
+                    f"its {name} are {_shape(emb)}, this cache's are {want_emb} (settings.max_sequence_length "
+                    "x the width of extra.safetensors)"
+                )
         for name, (dtype, _) in tensors.items():
             if self.dtypes.setdefault(name, dtype) != dtype:
                 raise _Bad(f"its {name} are {dtype}, the other samples' {self.dtypes[name]}")

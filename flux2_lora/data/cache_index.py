@@ -5,7 +5,10 @@ A cache (made by `cache.build_cache`) is a folder of webdataset shards that trai
   index.json              settings the cache was made with + every shard's samples (key, bucket, and the byte
                           offset and size of the sample's tensors in its shard: training reads by position)
   train-NNNNNN.tar        samples: <key>.safetensors (latents, [latents_flip], prompt_embeds, and for an editing
-                          sample ref.0, ref.1, ... [ref_flip.0, ...]: its references' latents) + <key>.json
+                          sample ref.0, ref.1, ... [ref_flip.0, ...]: its references' latents) + <key>.json;
+                          with settings.caption_variants K > 1, prompt_embeds.0 .. prompt_embeds.{K-1} instead of
+                          prompt_embeds (data/captions.py); in a dataset with loss masks, mask [mask_flip]:
+                          float weights at the latent grid (h/16 x w/16, data/masks.py; ones if unmasked)
   val-NNNNNN.tar          the held-out samples for the fixed-seed validation loss
   extra.safetensors       the empty-prompt embedding (caption dropout, negative prompt)
   prompts-<hash>.safetensors  sample-prompt embeddings for one list of validation prompts
@@ -40,7 +43,14 @@ from .shards import CACHE_MEMBERS, iter_tar
 CACHE_VERSION = 1
 # Settings added after version 1, with the value that caches made before them were made with. A setting at its
 # default is left out of index.json, so those caches keep their digest and stay valid.
-SETTING_DEFAULTS: dict[str, Any] = {"text_encoder_quantize": "none", "max_reference_pixels": 1024 * 1024}
+SETTING_DEFAULTS: dict[str, Any] = {
+    "text_encoder_quantize": "none",
+    "max_reference_pixels": 1024 * 1024,
+    "caption_shuffle": False,
+    "keep_tokens": 0,
+    "tag_dropout": 0.0,
+    "caption_variants": 1,
+}
 Size = tuple[int, int]
 
 
@@ -60,6 +70,11 @@ class CacheSettings:
     seed: int
     text_encoder_quantize: str = "none"  # none | int8 | nf4: quantized weights change the embeddings
     max_reference_pixels: int = 1024 * 1024  # references larger than this are scaled down to it before encoding
+    # Caption variants (data/captions.py): K > 1 stores prompt_embeds.0 .. prompt_embeds.{K-1} per sample.
+    caption_shuffle: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    caption_variants: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -263,6 +278,10 @@ _SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "a whole number"),
     "text_encoder_quantize": (lambda v: type(v) is str, "a string"),
     "max_reference_pixels": (lambda v: _is_int(v) and v > 0, "a whole number > 0"),
+    "caption_shuffle": (lambda v: type(v) is bool, "true or false"),
+    "keep_tokens": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "tag_dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
+    "caption_variants": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
 }
 
 
@@ -418,12 +437,16 @@ def member_offsets(path: Path, samples: list[tuple[str, int, int]]) -> list[tupl
 
 def decode_cached(sample: dict[str, Any]) -> dict[str, Any]:
     """A cached-shard sample -> {'key', 'bucket', 'caption', 'latents', 'prompt_embeds', ['latents_flip'],
-    ['ref.0', ...]} (an editing sample also has 'references': its reference sizes)."""
+    ['ref.0', ...]} (an editing sample also has 'references': its reference sizes). A sample of a cache with caption
+    variants gives variant 0 as 'prompt_embeds' (validation uses variant 0; its caption is variant 0's)."""
     from safetensors.torch import load
 
     key = sample.get("__key__")
     try:
         tensors = load(sample["safetensors"])
+        if "prompt_embeds.0" in tensors:
+            tensors["prompt_embeds"] = tensors.pop("prompt_embeds.0")
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("prompt_embeds.")}
         meta = json.loads(sample["json"])
         refs = {"references": [tuple(r) for r in meta["references"]]} if meta.get("references") else {}
         return {"key": key, "bucket": tuple(meta["bucket"]), "caption": meta["caption"], **refs, **tensors}

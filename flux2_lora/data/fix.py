@@ -5,9 +5,11 @@ caption byte-order marks and whitespace are fixed, metadata.jsonl captions becom
 would have to convert (EXIF rotation, CMYK, palette, 16-bit, alpha, animation) are re-saved as RGB PNG. An editing
 item goes with its reference images, or is left out with them when one has an error; in the copy they sit beside
 their target as `<stem>_ref0`, `<stem>_ref1`, ... in training's order (from a references/ folder or metadata.jsonl
-too: that file is not copied), so the copy scans to the same items. Every change is one line, returned and written
-to FIXES.txt in the copy. Checking the folder is `validate`'s job: this
-module only acts on its report. `check_output_folder` is shared with `augment`, which also writes a derived dataset.
+too: that file is not copied), so the copy scans to the same items. An image's loss mask goes beside its copy as
+`<stem>.mask.png` (from a mask folder too, so the copy needs no mask_dir); a bad mask drops its image with it, a mask
+of no image is left out. Every change is one line, returned and written to FIXES.txt in the copy. Checking the
+folder is `validate`'s job: this module only acts on its report. `check_output_folder` is shared with `augment`,
+which also writes a derived dataset.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -88,7 +91,7 @@ class _Fixer:
     def run(self) -> list[str]:
         metadata, _ = read_metadata(self.root)
         images = image_files(self.root)
-        images = [p for p in images if p not in self.report.reference_files]
+        images = [p for p in images if p not in self.report.reference_files and p not in self.report.mask_files]
         self.not_copied(images, metadata)
         if metadata:
             self.lines.append(f"{METADATA_FILE}: captions written as .txt files next to their images")
@@ -103,13 +106,17 @@ class _Fixer:
         captions = {p.with_suffix(CAPTION_SUFFIX) for p in images if p not in metadata}
         orphans = {p.path for p in self.report.problems if p.code == "orphan-caption"}
         used = {r for refs in self.report.references.values() for r in refs}
+        masks = set(self.report.masks.values())
         ref_captions = {p.path for p in self.report.problems if p.code == "reference-caption"}
         for path in walk(self.root)[0]:
             if path in image_set or path in captions or path.parent == self.root and path.name == METADATA_FILE:
                 if path in self.errors and path.name == METADATA_FILE:
                     self.lines.append(f"{self.rel(path)}: not copied ({'; '.join(self.errors[path])})")
                 continue
-            if path in used:  # copied with its item, or named in the line of the item dropped
+            if path in used or path in masks:  # copied with its item, or named in the line of the item dropped
+                continue
+            if path in self.report.mask_files and path not in self.errors:
+                self.lines.append(f"{self.rel(path)}: not copied (a mask training does not use)")
                 continue
             if path in self.report.reference_files and path not in self.errors:
                 self.lines.append(f"{self.rel(path)}: not copied (a reference image training does not use)")
@@ -129,6 +136,9 @@ class _Fixer:
             reasons = reasons + [f"{txt.name}: {r}" for r in self.errors[txt]]
         for ref in self.report.references.get(image, ()):
             reasons = reasons + [f"reference {self.rel(ref)}: {r}" for r in self.errors.get(ref, [])]
+        mask = self.report.masks.get(image)
+        if mask is not None:
+            reasons = reasons + [f"mask {self.report.rel(mask)}: {r}" for r in self.errors.get(mask, [])]
         if reasons:
             self.lines.append(f"{self.rel(image)}: dropped ({'; '.join(reasons)})")
             return
@@ -142,7 +152,7 @@ class _Fixer:
             self.lines.append(f"{self.rel(image)}: dropped (no caption)")
             return
         target = self.write_image(image)
-        if target is None or not self.write_references(image, target):
+        if target is None or not self.write_mask(image, target) or not self.write_references(image, target):
             return
         self.write_caption(image, target, text, caption)
 
@@ -164,13 +174,45 @@ class _Fixer:
                     )
                 written.append(dest)
         except (OSError, DataError, ValueError) as e:
-            for p in [target, *written]:
+            for p in [target, target.with_name(f"{target.stem}.mask.png"), *written]:
                 p.unlink(missing_ok=True)
             self.lines.append(f"{self.rel(image)}: dropped (cannot copy a reference image: {e})")
             return False
         names = [p.relative_to(self.out).as_posix() for p in written]
         if names != [self.rel(r) for r in refs]:
             self.lines.append(f"{self.rel(image)}: references written beside it as {', '.join(names)}")
+        return True
+
+    def write_mask(self, image: Path, target: Path) -> bool:
+        """The image's loss mask beside its copy as <stem>.mask.png (from a mask folder too: the copy needs none);
+        re-saved as a greyscale PNG when it is not a PNG or has an EXIF rotation. False (the item dropped) on a
+        failure."""
+        from .masks import MASK_TAG, open_mask
+
+        mask = self.report.masks.get(image)
+        if mask is None:
+            return True
+        dest = target.with_name(f"{target.stem}{MASK_TAG}.png")
+        try:
+            with Image.open(mask) as im:
+                rotated = im.getexif().get(0x0112, 1) not in (1, None)
+            if mask.suffix.lower() == ".png" and not rotated:
+                shutil.copyfile(mask, dest)
+                why = None
+            else:
+                weights = np.asarray(open_mask(mask), dtype=np.float32)
+                Image.fromarray(np.round(weights * 255).astype(np.uint8), "L").save(dest)
+                why = "EXIF orientation applied" if rotated else f"from {mask.suffix.lower()}"
+        except (OSError, DataError, ValueError) as e:
+            for p in (target, dest):
+                p.unlink(missing_ok=True)
+            self.lines.append(f"{self.rel(image)}: dropped (cannot copy its mask: {e})")
+            return False
+        name = dest.relative_to(self.out).as_posix()
+        if why is not None:
+            self.lines.append(f"{self.report.rel(mask)}: mask re-saved as greyscale PNG {name} ({why})")
+        elif self.report.rel(mask) != name:
+            self.lines.append(f"{self.report.rel(mask)}: mask written beside its image as {name}")
         return True
 
     def write_image(self, image: Path) -> Path | None:

@@ -41,6 +41,7 @@ class Item:
     image: Path
     caption: str
     references: tuple[Path, ...] = field(default=())
+    mask: Path | None = None  # its loss mask (data/masks.py), None: trains unmasked
 
 
 def reference_index(path: Path) -> tuple[str, int] | None:
@@ -165,18 +166,22 @@ def read_json_caption(path: Path) -> str:
     return " ".join(text.split())
 
 
-def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[Item]:
+def scan_folder(root: str | Path, instance_prompt: str | None = None, mask_dir: str | Path | None = None) -> list[Item]:
     """Image/caption pairs under root, sorted by relative path.
 
     Captions come from root/metadata.jsonl, else x.txt, else a x.json sidecar. An image without a caption
     takes instance_prompt; without one that is an error naming the file.
-    Symlinks are not followed.
+    Symlinks are not followed. Loss masks (`x.mask.png` beside an image, or in mask_dir: data/masks.py) are never
+    images; each image's is its Item.mask.
     """
+    from .masks import find_masks, resolve_mask_dir, split_masks
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
+    masks_in = resolve_mask_dir(mask_dir, root)
     records = read_metadata_records(root)
-    images = []
+    images: list[Path] = []
     for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
@@ -185,6 +190,7 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
             continue
         if path.is_file():
             images.append(path)
+    images, mask_files, _ = split_masks(images, masks_in)  # a mask is never a training image
     listed = {
         rel: tuple(reference_path(root, r, f"{root / 'metadata.jsonl'}: {rel}") for r in refs)
         for rel, (_, refs) in records.items()
@@ -197,6 +203,11 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
             raise DataError(f"{root / 'metadata.jsonl'}: {rel}: reference {missing} does not exist")
     beside = folder_references(root, [p for p in images if p not in named], set(records))
     named |= {p for refs in beside.values() for p in refs}
+    masks = find_masks(root, [p for p in images if p not in named], mask_files, masks_in)
+    if masks.first_error() is not None:
+        raise DataError(f"{masks.first_error()} (run `flux2-lora data validate`)")
+    for path, _, _, reason in masks.problems:
+        log.warning("%s: %s", path, reason)
     items: list[Item] = []
     for path in images:
         if path in named:
@@ -221,10 +232,29 @@ def scan_folder(root: str | Path, instance_prompt: str | None = None) -> list[It
             caption = instance_prompt
         else:
             raise DataError(f"{path}: no caption file {caption_file.name} (add one or set data.instance_prompt)")
-        items.append(Item(path, caption, refs))
+        items.append(Item(path, caption, refs, masks.of.get(path)))
     if not items:
         raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    _check_mask_sizes(items)
     return items
+
+
+def _check_mask_sizes(items: list[Item]) -> None:
+    """A mask of another size than its image stops the run before the text encoder runs (file headers only)."""
+    from .masks import mask_size
+
+    for item in items:
+        if item.mask is None:
+            continue
+        try:
+            mask, image = mask_size(item.mask), mask_size(item.image)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, naming it
+            continue
+        if mask != image:
+            raise DataError(
+                f"{item.mask}: mask is {mask[0]}x{mask[1]}, its image {image[0]}x{image[1]} (a mask must have its "
+                "image's size; `flux2-lora data validate` lists every problem)"
+            )
 
 
 def load_image(source: Path | IO[bytes], name: str | None = None) -> Image.Image:

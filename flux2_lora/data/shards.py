@@ -1,5 +1,8 @@
 """webdataset tar shards: raw image+caption shards (`data shard`) and safe reading of any shard spec.
 
+A raw sample is <key>.png (or .jpg, ...), <key>.txt, its references <key>.ref0.png, ... and its loss mask
+<key>.mask.png (data/masks.py), each optional but the image.
+
 A shard spec is a folder of .tar files, a brace pattern (`data-{000000..000099}.tar`), a comma-free list
 of local paths, or `pipe:` URLs (e.g. `pipe:curl -s https://host/data-{000..009}.tar`). Every tar member
 name is checked before its bytes are used: absolute names, `..` segments and extensions that are not on
@@ -22,7 +25,9 @@ from .folder import DataError, Item
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 # Reference images of an editing sample: <key>.ref0.png, <key>.ref1.jpg, ... (numbered from 0, in order).
 REFERENCE_MEMBERS = {f"ref{i}.{e}" for i in range(10) for e in IMAGE_MEMBERS}
-RAW_MEMBERS = {*IMAGE_MEMBERS, "txt", "json"} | REFERENCE_MEMBERS
+# A sample's loss mask (data/masks.py): <key>.mask.png (or .jpg, ...), the size of its image.
+MASK_MEMBERS = {f"mask.{e}" for e in IMAGE_MEMBERS}
+RAW_MEMBERS = {*IMAGE_MEMBERS, "txt", "json"} | REFERENCE_MEMBERS | MASK_MEMBERS
 CACHE_MEMBERS = {"safetensors", "json"}
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 
@@ -104,6 +109,8 @@ class RawSample:
     caption: str
     references: tuple[tuple[bytes, str], ...] = ()  # (image bytes, extension) of each reference, in order
     reference_names: tuple[str, ...] = ()  # where each reference came from, for messages
+    mask: bytes | None = None  # its loss mask's file bytes (data/masks.py), None: unmasked
+    mask_name: str = ""  # where the mask came from, for messages
 
 
 def shard_references(s: dict[str, Any], url: str) -> tuple[tuple[tuple[bytes, str], ...], tuple[str, ...]]:
@@ -137,7 +144,11 @@ def iter_raw_samples(spec: str, instance_prompt: str | None = None) -> Iterator[
             else:
                 raise DataError(f"{url}: sample {key!r} has no caption (.txt) and data.instance_prompt is not set")
             refs, names = shard_references(s, url)
-            yield RawSample(key, s[ext], ext, caption, refs, names)
+            masks = sorted(m for m in MASK_MEMBERS if m in s)
+            if len(masks) > 1:
+                raise DataError(f"{url}: sample {key!r} has two masks ({', '.join(masks)}); keep one")
+            mask = (s[masks[0]], f"{url}: {key}.{masks[0]}") if masks else (None, "")
+            yield RawSample(key, s[ext], ext, caption, refs, names, *mask)
 
 
 def iter_folder_samples(items: list[Item], root: Path) -> Iterator[RawSample]:
@@ -145,7 +156,11 @@ def iter_folder_samples(items: list[Item], root: Path) -> Iterator[RawSample]:
         rel = it.image.relative_to(root).as_posix()
         ext = it.image.suffix.lower().lstrip(".")
         refs = tuple((p.read_bytes(), p.suffix.lower().lstrip(".")) for p in it.references)
-        yield RawSample(sample_key(rel), it.image.read_bytes(), ext, it.caption, refs, tuple(map(str, it.references)))
+        mask = it.mask.read_bytes() if it.mask is not None else None
+        yield RawSample(
+            sample_key(rel), it.image.read_bytes(), ext, it.caption, refs, tuple(map(str, it.references)), mask,
+            str(it.mask or ""),
+        )  # fmt: skip
 
 
 def write_raw_shards(items: list[Item], root: Path, out: Path, shard_size: int = 1000) -> list[Path]:
@@ -172,6 +187,8 @@ def write_raw_shards(items: list[Item], root: Path, out: Path, shard_size: int =
             writer = wds.TarWriter(str(path))
         assert writer is not None
         refs = {f"ref{n}.{ext}": data for n, (data, ext) in enumerate(s.references)}
+        if s.mask is not None:  # its loss mask as <key>.mask.<ext>
+            refs[f"mask.{Path(s.mask_name).suffix.lower().lstrip('.') or 'png'}"] = s.mask
         writer.write({"__key__": s.key, s.ext: s.image, "txt": s.caption, **refs})
     if writer is not None:
         writer.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
+from ..draws import choose_caption_variant, sample_seed
 from .buckets import MULTIPLE
 from .cache import CacheCorrupt, CacheIndex
+from .captions import read_variant
+from .mix import DataMix
 
 
 def auto_workers(device_type: str, local_processes: int = 1) -> int:
@@ -53,6 +57,13 @@ def auto_workers(device_type: str, local_processes: int = 1) -> int:
     return max(1, min(4, cpus // max(local_processes, 1) - 1))
 
 
+def num_workers(setting: int | str, device_type: str, processes: int) -> int:
+    """data.num_workers, with `auto` sized to the machine (`auto_workers`; LOCAL_WORLD_SIZE from torchrun)."""
+    if setting != "auto":
+        return int(setting)
+    return auto_workers(device_type, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+
+
 @dataclass(frozen=True)
 class Slot:
     """One sample of a micro-batch: its id in the index, its loss weight and its data pass (for its draws)."""
@@ -65,17 +76,20 @@ class Slot:
 class GlobalBatches:
     """The global batches of every epoch, from (seed, epoch) and the global batch size alone."""
 
-    def __init__(self, index: CacheIndex, global_batch: int, seed: int, repeats: int = 1):
+    def __init__(self, data: DataMix | CacheIndex, global_batch: int, seed: int, repeats: int = 1):
         if global_batch < 1:
             raise ValueError(f"global batch must be >= 1, got {global_batch}")
-        self.global_batch, self.seed, self.repeats = global_batch, seed, repeats
-        table = index.samples()
+        mix = data if isinstance(data, DataMix) else DataMix.single(data, repeats)
+        self.global_batch, self.seed = global_batch, seed
+        table = mix.samples()
+        self.repeats = table.repeats  # per sample: its source's data.repeats
         self.buckets = {  # per group (bucket, reference sizes): its sample ids
             group: np.flatnonzero(table.group == g).astype(np.int64)
             for g, group in sorted(enumerate(table.groups), key=lambda x: x[1])
         }
         self.num_samples = sum(len(v) for v in self.buckets.values())
-        self.steps_per_epoch = sum(-(-len(v) * repeats // global_batch) for v in self.buckets.values())
+        self.epoch_samples = int(self.repeats.sum())  # sample copies per epoch
+        self.steps_per_epoch = sum(-(-int(self.repeats[v].sum()) // global_batch) for v in self.buckets.values())
         self._cached: tuple[int, list[tuple[np.ndarray, int]]] | None = None
 
     def epoch(self, epoch: int) -> list[tuple[np.ndarray, int]]:
@@ -86,7 +100,11 @@ class GlobalBatches:
         rng = np.random.default_rng([self.seed, epoch])
         batches: list[np.ndarray] = []
         for ids in self.buckets.values():
-            copies = np.stack([np.tile(ids, self.repeats), np.repeat(np.arange(self.repeats), len(ids))], axis=1)
+            # copy c of every sample with more than c repeats (with one repeats for all: ids, ids, ...)
+            reps = self.repeats[ids]
+            copies = np.concatenate(
+                [np.stack([ids[reps > c], np.full(int((reps > c).sum()), c)], axis=1) for c in range(int(reps.max()))]
+            )
             copies = copies[rng.permutation(len(copies))]
             batches += [copies[i : i + self.global_batch] for i in range(0, len(copies), self.global_batch)]
         order = rng.permutation(len(batches))
@@ -108,10 +126,15 @@ class GlobalBatches:
         for micro in range(accumulation):
             mine = samples[(micro * world + rank - first) % slots :: slots]
             if len(mine):
-                out.append([Slot(int(s), weight, epoch * self.repeats + int(c)) for s, c in mine])
+                out.append([Slot(int(s), weight, self._pass(epoch, s, c)) for s, c in mine])
             else:  # a short global batch has no sample for this slot: train its first one at weight 0
-                out.append([Slot(int(samples[0, 0]), 0.0, epoch * self.repeats + int(samples[0, 1]))])
+                s, c = samples[0]
+                out.append([Slot(int(s), 0.0, self._pass(epoch, s, c))])
         return out
+
+    def _pass(self, epoch: int, sample: int, copy: int) -> int:
+        """The data pass of a sample's copy: its draws' key (epoch x its repeats + copy)."""
+        return epoch * int(self.repeats[sample]) + int(copy)
 
 
 class RankBatchSampler:
@@ -131,38 +154,48 @@ class RankBatchSampler:
 class CachedSamples(Dataset):  # type: ignore[type-arg]
     """Cached samples by id, read with positioned reads at the offsets the index records (no shard is scanned).
 
-    Items are `Slot`s (from RankBatchSampler); `collate` stacks them into a micro-batch."""
+    Items are `Slot`s (from RankBatchSampler); `collate` stacks them into a micro-batch. A cache with K > 1 caption
+    variants (data/captions.py) gives each sample the variant drawn from (seed, its data pass, its draw key), as
+    `prompt_embeds`, and only that variant's bytes are read."""
 
-    def __init__(self, index: CacheIndex):
-        self.index = index
-        self.entries = index.samples()
-        self._fds: dict[str, int] = {}
+    def __init__(self, data: DataMix | CacheIndex, seed: int = 0):
+        self.mix = data if isinstance(data, DataMix) else DataMix.single(data)
+        self.seed = seed  # training.seed: the caption variant draws
+        self.entries = self.mix.samples()
+        self._fds: dict[Path, int] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _fd(self, url: str) -> int:
+    def _fd(self, path: Path) -> int:
         if self._pid != os.getpid():  # a forked DataLoader worker opens its own descriptors
             self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(url)
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[url] = os.open(self.index.root / url, os.O_RDONLY)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def read(self, i: int) -> dict[str, Any]:
+    def read(self, i: int, data_pass: int = 0) -> dict[str, Any]:
         e = self.entries[i]
+        entry = self.mix.entries[int(self.entries.entry[i])]
+        root = entry.index.root
+        variants = int(entry.index.settings.get("caption_variants", 1))
         try:
-            data = os.pread(self._fd(e.url), e.size, e.offset)  # only this sample's bytes
+            if variants > 1:  # the drawn caption variant's embedding, not the K - 1 others (data/captions.py)
+                seed = sample_seed(self.seed, data_pass, self.entries.draw_key(i) + "#caption")
+                k = choose_caption_variant(variants, seed)
+                tensors = read_variant(self._fd(root / e.url), e.offset, e.size, k)
+            else:
+                data = os.pread(self._fd(root / e.url), e.size, e.offset)  # only this sample's bytes
+                if len(data) != e.size:
+                    raise ValueError(f"short read: {len(data)} of {e.size} bytes")
+                tensors = load_safetensors(data)
         except OSError as err:
-            raise CacheCorrupt(self.index.root, e.url, f"cannot be read ({err.strerror or err})", e.key) from None
-        try:
-            if len(data) != e.size:
-                raise ValueError(f"short read: {len(data)} of {e.size} bytes")
-            tensors = load_safetensors(data)
+            raise CacheCorrupt(root, e.url, f"cannot be read ({err.strerror or err})", e.key) from None
         except Exception as err:  # noqa: BLE001 - a changed or truncated shard is a data error naming it
             why = f"cannot be read at its indexed offset ({err}): the shard changed after the cache was opened"
-            raise CacheCorrupt(self.index.root, e.url, why, e.key) from None
+            raise CacheCorrupt(root, e.url, why, e.key) from None
         for name, (w, h) in [("latents", e.bucket), *((f"ref.{n}", r) for n, r in enumerate(e.references))]:
             lat = tensors.get(name)
             if lat is None or "prompt_embeds" not in tensors or tuple(lat.shape[1:]) != (h // MULTIPLE, w // MULTIPLE):
@@ -172,13 +205,29 @@ class CachedSamples(Dataset):  # type: ignore[type-arg]
                 )
                 listed = f"{w}x{h}" if name == "latents" else f"a {w}x{h} reference {name[4:]}"
                 why = f"index.json lists it as {listed}, but {found} (`flux2-lora data validate` checks every sample)"
-                raise CacheCorrupt(self.index.root, e.url, why, e.key)
+                raise CacheCorrupt(root, e.url, why, e.key)
+        w, h = e.bucket
+        for name in [n for n in ("mask", "mask_flip") if n in tensors]:  # a loss mask: one weight per latent token
+            if tuple(tensors[name].shape) != (h // MULTIPLE, w // MULTIPLE):
+                found = "x".join(map(str, tensors[name].shape))
+                why = f"index.json lists it as {w}x{h}, but its {name} is {found}, not {h // MULTIPLE}x{w // MULTIPLE}"
+                raise CacheCorrupt(root, e.url, why + " (`flux2-lora data validate` checks every sample)", e.key)
         refs = [tensors.pop(f"ref.{n}") for n in range(len(e.references))]
         flips = [tensors.pop(f"ref_flip.{n}") for n in range(len(e.references)) if f"ref_flip.{n}" in tensors]
-        return {"key": e.key, "bucket": e.bucket, **tensors, "references": refs, "references_flip": flips}
+        source = entry.source
+        return {
+            "key": self.entries.draw_key(i),
+            "bucket": e.bucket,
+            **tensors,
+            "references": refs,
+            "references_flip": flips,
+            "source": entry.number,
+            "regularisation": source.regularisation,
+            "caption_dropout": source.caption_dropout,
+        }
 
     def __getitem__(self, slot: Slot) -> dict[str, Any]:
-        return {**self.read(slot.sample), "weight": slot.weight, "data_pass": slot.data_pass}
+        return {**self.read(slot.sample, slot.data_pass), "weight": slot.weight, "data_pass": slot.data_pass}
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
@@ -195,9 +244,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "weights": torch.tensor([float(s.get("weight", 1.0)) for s in samples]),
         "passes": [int(s.get("data_pass", 0)) for s in samples],
         "trained": sum(1 for s in samples if s.get("weight", 1.0) > 0),
+        # per sample: its source's number, whether it is a regularisation sample, its caption dropout
+        "sources": [int(s.get("source", 0)) for s in samples],
+        "regularisation": torch.tensor([bool(s.get("regularisation", False)) for s in samples]),
+        "caption_dropout": [s.get("caption_dropout") for s in samples],
     }
     if "latents_flip" in samples[0]:
         out["latents_flip"] = torch.stack([s["latents_flip"] for s in samples])
+    if any("mask" in s for s in samples):  # loss masks (data/masks.py): ones for a sample without one
+        ones = [torch.ones(s["latents"].shape[-2:]) for s in samples]
+        out["mask"] = torch.stack([s.get("mask", o) for s, o in zip(samples, ones, strict=True)])
+        out["mask_flip"] = torch.stack(
+            [s.get("mask_flip", s["mask"].flip(-1) if "mask" in s else o) for s, o in zip(samples, ones, strict=True)]
+        )
     # Reference i of every sample, stacked (one group per batch: the shapes agree); [] without references.
     for name in ("references", "references_flip"):
         refs = [s.get(name, []) for s in samples]
@@ -210,13 +269,40 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def describe(plan: GlobalBatches, batch_size: int, world: int, accumulation: int) -> str:
     """One line on the division of the data, for the training log."""
-    short = sum(1 for ids in plan.buckets.values() if len(ids) * plan.repeats % plan.global_batch)
+    short = sum(1 for ids in plan.buckets.values() if int(plan.repeats[ids].sum()) % plan.global_batch)
+    reps = sorted({int(r) for r in plan.repeats})
+    copies = (
+        f"{plan.num_samples} samples x {reps[0]} repeat(s)"
+        if len(reps) == 1
+        else f"{plan.num_samples} samples, {plan.epoch_samples} with repeats"
+    )
     return (
         f"data  global batch {plan.global_batch} = batch {batch_size} x {world} process(es) x accumulation "
-        f"{accumulation}; {plan.num_samples} samples x {plan.repeats} repeat(s) in {_groups(plan)}: "
+        f"{accumulation}; {copies} in {_groups(plan)}: "
         f"{plan.steps_per_epoch} steps per epoch"
         + (f", {short} of them short (a bucket's last batch)" if short else "")
     )
+
+
+def division_record(step: int, epoch: int, gathered: list[list[int]], complete: bool) -> dict[str, Any]:
+    """metrics.jsonl's record of an epoch's division: `gathered` holds each rank's [samples trained, then per
+    source]; with several sources the record also has the samples trained per source (summed over ranks)."""
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "samples_per_rank": [row[0] for row in gathered]}
+    if len(gathered[0]) > 2:
+        record["samples_per_source"] = [sum(row[k] for row in gathered) for k in range(1, len(gathered[0]))]
+    record["epoch_complete"] = complete
+    return record
+
+
+def division_line(record: dict[str, Any], total: int, since_resume: bool) -> str:
+    """The log line of an epoch's division (`division_record`); `total`: the sample copies of an epoch."""
+    counts, per_source = record["samples_per_rank"], record.get("samples_per_source")
+    note = (", counted since the resume" if since_resume else "") + (
+        "" if record["epoch_complete"] else ", epoch not finished"
+    )
+    ranks = f"per rank {', '.join(map(str, counts))}" if len(counts) > 1 else "on 1 process"
+    sources = f"; per source {', '.join(map(str, per_source))}" if per_source else ""
+    return f"epoch {record['epoch']}: samples trained {ranks} ({sum(counts)} of {total}{note}){sources}"
 
 
 def _groups(plan: GlobalBatches) -> str:
@@ -227,4 +313,15 @@ def _groups(plan: GlobalBatches) -> str:
     return text
 
 
-__all__ = ["CachedSamples", "GlobalBatches", "RankBatchSampler", "Slot", "auto_workers", "collate", "describe"]
+__all__ = [
+    "CachedSamples",
+    "GlobalBatches",
+    "RankBatchSampler",
+    "Slot",
+    "auto_workers",
+    "collate",
+    "describe",
+    "division_line",
+    "division_record",
+    "num_workers",
+]

@@ -78,6 +78,8 @@ class Report:
     advice: str | None = None  # what to do about the errors, appended to the summary line
     references: dict[Path, tuple[Path, ...]] = field(default_factory=dict)  # each item's reference images, in order
     reference_files: set[Path] = field(default_factory=set)  # every file taken as a reference (validate_refs)
+    masks: dict[Path, Path] = field(default_factory=dict)  # each masked image's loss mask (data/masks.py)
+    mask_files: set[Path] = field(default_factory=set)  # every file taken as a mask (never a training image)
 
     @property
     def has_errors(self) -> bool:
@@ -349,6 +351,7 @@ class _Checker:
         self.hashes: dict[str, Path] = {}
         self.images: list[Path] = []
         self.refs = References(root)
+        self.mask_files: set[Path] = set()
 
     def is_reference(self, path: Path) -> bool:
         return path in self.refs.files
@@ -366,7 +369,8 @@ class _Checker:
             self.add(path, "error", "unreadable", f"cannot stat ({e.strerror})")
             return
         suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS and not self.is_reference(path):
+        mask = path in self.mask_files
+        if suffix in IMAGE_EXTENSIONS and not self.is_reference(path) and not mask:
             self.images.append(path)
         if stat.S_ISLNK(st.st_mode):
             self.symlink(path)
@@ -378,7 +382,8 @@ class _Checker:
             if not stat.S_ISREG(st.st_mode):
                 self.add(path, "error", "unreadable", "not a regular file")
                 return
-            self.image(path, st.st_size, metadata)
+            if not mask:  # a mask is checked with its image (`mask`)
+                self.image(path, st.st_size, metadata)
         elif stat.S_ISREG(st.st_mode):
             self.other_file(path, suffix)
 
@@ -549,12 +554,17 @@ def validate_dataset(
     max_caption_tokens: int | None = None,
     tokenizer: Any = None,
     instance_prompt: str | None = None,
+    mask_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
-    """Check every file under root; one Problem per problem found. Only a missing root raises (DataError).
+    """Check every file under root; one Problem per problem found. Only a missing root (or mask_dir) raises (DataError).
 
     max_caption_tokens: caption token budget (default 512) checked when a tokenizer is given.
+    mask_dir: the source's folder of loss masks (data/masks.py); masks beside the images are found without it.
     """
+    from .masks import find_masks, is_mask_file, mask_problems, resolve_mask_dir, split_masks
+
     root = dataset_root(root)
+    masks_in = resolve_mask_dir(mask_dir, root)
     limit = DEFAULT_MAX_TOKENS if max_caption_tokens is None else max_caption_tokens
     opts = _Options(max_file_mb, min_resolution, max_aspect, limit, tokenizer, instance_prompt)
     checker = _Checker(root, opts)
@@ -562,22 +572,39 @@ def validate_dataset(
     metadata, meta_problems = read_metadata(root)
     checker.problems += meta_problems
     images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and is_regular(p)]
+    images, mask_files, links = split_masks(images, masks_in)  # a mask is never a training image
+    checker.mask_files = {p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and is_mask_file(p, masks_in)}
+    for link in links if masks_in is not None and not inside(masks_in, root) else []:  # (inside: the walk's)
+        checker.add(link, "error", "symlink", "symbolic link in the mask folder (refused, not followed)")
     checker.refs = find_references(root, images, set(metadata))
     checker.problems += [Problem(*found) for found in checker.refs.problems]
+    masks = find_masks(root, [p for p in images if p not in checker.refs.files], mask_files, masks_in)
+    checker.problems += [Problem(*found) for found in masks.problems]
     for path in tqdm(entries, desc="validate", unit="file", disable=None, leave=False):
         try:
             checker.entry(path, metadata)
         except Exception as e:  # never let one file stop the report
             checker.add(path, "error", "unreadable", f"unexpected {type(e).__name__}: {e}")
+    for image, mask in masks.of.items():  # readable, of its image's size, not all black
+        for code, why in mask_problems(mask, image, str(mask), checker.rel(image)):
+            checker.add(mask, "error", code, why)
     checker.orphans(entries)
-    problems = sorted(checker.problems, key=lambda p: p.path.relative_to(root).as_posix() if p.path != root else "")
+
+    def order(p: Problem) -> tuple[bool, str]:  # by path relative to the root; a mask folder elsewhere after it
+        out = not inside(p.path, root)
+        return out, str(p.path) if out else p.path.relative_to(root).as_posix() if p.path != root else ""
+
+    problems = sorted(checker.problems, key=order)
     refs = {image: checker.refs.of[image] for image in checker.images if image in checker.refs.of}
     report = Report(root, problems, len(checker.images), references=refs, reference_files=checker.refs.files)
+    report.masks = {image: masks.of[image] for image in checker.images if image in masks.of}
+    report.mask_files = set(mask_files)
     flagged = {p.path for p in problems}
     report.n_ok = sum(
         image not in flagged
         and (image in metadata or image.with_suffix(CAPTION_SUFFIX) not in flagged)
         and not flagged.intersection(refs.get(image, ()))
+        and report.masks.get(image) not in flagged
         for image in checker.images
     )
     return report
@@ -596,6 +623,7 @@ def format_report(report: Report) -> str:
     lines.append(
         f"{plural(report.n_images, report.unit)}: {report.n_ok} ok, "
         + (f"{len(report.references)} with references ({plural(n_refs, 'reference image')}), " if n_refs else "")
+        + (f"{len(report.masks)} with a loss mask, " if report.masks else "")
         + f"{plural(report.n_errors, 'error')}, {plural(report.n_warnings, 'warning')}"
         + (f"; {report.advice}" if report.advice and report.has_errors else "")
     )

@@ -4,8 +4,9 @@ Each line names the shard and the member (`ERROR   /data/data-000000.tar: 003.re
 are checked as training checks them (an absolute or `..` name, or an extension training does not read, makes it
 refuse the whole shard); each image is decoded with the folder checks (validate._Checker); a sample's references
 (`<key>.ref0.png`, `<key>.ref1.jpg`, ...) must be numbered from 0 without a gap or a number twice, at most
-MAX_REFERENCES of them, each one FLUX.2 accepts (validate_refs.reference_geometry). A tar that cannot be read is
-one line naming it. Shards are only read: nothing is extracted to disk.
+MAX_REFERENCES of them, each one FLUX.2 accepts (validate_refs.reference_geometry); a loss mask (`<key>.mask.png`)
+must be readable, of its image's size and not all black (data/masks.py). A tar that cannot be read is one line
+naming it. Shards are only read: nothing is extracted to disk.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MAX_REFERENCES
-from .shards import IMAGE_MEMBERS, RAW_MEMBERS, expand_spec
+from .masks import mask_problems
+from .shards import IMAGE_MEMBERS, MASK_MEMBERS, RAW_MEMBERS, expand_spec
 from .validate import DEFAULT_MAX_TOKENS, Report, Severity, _Checker, _mb, _Options, normalise
 
 _REF_MEMBER = re.compile(r"^ref([0-9]+)\.(jpg|jpeg|png|webp)$")  # any number: ref10 is counted, then refused
@@ -98,7 +100,19 @@ class _ShardChecker(_Checker):
             self.add(self.root, "error", "reference-gap", why)
         for n in sorted(found):
             self.member_image(f"{key}.{found[n][0]}", s[found[n][0]], reference=True)
+        masks = sorted(m for m in MASK_MEMBERS if m in s)
+        if len(masks) > 1:
+            self.member = key
+            self.add(self.root, "error", "duplicate-mask", f"two masks: {', '.join(masks)} (keep one of them)")
+        elif masks and ext is not None:
+            self.member_mask(f"{key}.{masks[0]}", s[masks[0]], s[ext], f"{key}.{ext}")
         return tuple(f"{key}.{found[n][0]}" for n in sorted(found))
+
+    def member_mask(self, name: str, data: bytes, image: bytes, image_name: str) -> None:
+        """A sample's loss mask: readable, of its image's size, not all black (data/masks.py)."""
+        self.member, self.reference = name, False
+        for code, why in mask_problems(data, image, name, image_name):
+            self.add(self.root, "error", code, why)
 
     def caption_member(self, key: str, s: dict[str, Any], instance_prompt: str | None) -> None:
         self.member, self.reference = f"{key}.txt", False

@@ -320,7 +320,7 @@ class Evaluator:
             index = read_index(Path(data).expanduser())
             check_settings(index, settings)
             return index
-        source, source_id = dataset_source(data, recipe.data.instance_prompt)
+        source, source_id = dataset_source(data, recipe.data.instance_prompt, recipe.data.mask_dir)
         digest = settings.digest(source_id)
         run = next((r.run for r in self.refs if r.run is not None), None)
         if run is not None and (run / "cache" / digest / "index.json").exists():

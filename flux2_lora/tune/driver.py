@@ -59,33 +59,30 @@ def run_tune(
 
 
 def prepare_base(recipe: Recipe, sweep: Sweep, out: Path) -> Path:
-    """Cache the dataset once and write O/trial_recipe.yaml: the recipe every trial starts from."""
+    """Cache the dataset once and write O/trial_recipe.yaml: the recipe every trial starts from.
+
+    Every source is cached at every resolution (data/mix.py `prepare_mix`, as a training run would); the trial
+    recipe names those caches, one source each, with the source's role, repeats and caption dropout."""
     import torch
 
-    from ..data.cache import build_cache, check_settings, dataset_source, read_index, settings_for
+    from ..data.mix import prepare_mix
     from ..model import encoder_dtype, quiet_libraries, resolve_model
 
     quiet_libraries()
     src = resolve_model(recipe.model)
-    settings = settings_for(src, recipe)
-    spec = recipe.data.dataset or ""
-    if spec != "builtin:sample" and (Path(spec).expanduser() / "index.json").exists():
-        index = read_index(Path(spec).expanduser())
-        check_settings(index, settings)
-    else:
-        source, source_id = dataset_source(spec, recipe.data.instance_prompt)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        index = build_cache(
-            out / "cache" / settings.digest(source_id), settings, source, device,
-            encoder_dtype(recipe.model.dtype, device), force_cpu_loading=recipe.model.force_cpu_loading,
-            text_encoder_device=recipe.model.text_encoder_device,
-        )  # fmt: skip
-    if not index.val:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mix = prepare_mix(recipe, src, out / "cache", device, encoder_dtype(recipe.model.dtype, device))
+    if not any(e.source.holdout for e in mix.entries):
         raise UsageError(
-            f"data.holdout: the sweep ranks trials by the held-out validation loss; {spec} has no held-out images"
+            "data.holdout: the sweep ranks trials by the held-out validation loss; the dataset has no held-out images"
         )
+    index = mix.index
     d = recipe.to_dict()
-    d["data"]["dataset"] = str(index.root)
+    if len(mix.entries) == 1 and not recipe.data.datasets:
+        d["data"]["dataset"] = str(index.root)
+    else:
+        d["data"]["dataset"], d["data"]["resolutions"] = None, None
+        d["data"]["datasets"] = mix.cached_sources()
     d["training"]["max_steps"] = sweep.max_steps
     d["validation"].update(every_n_steps=sweep.report_every, prompts=[])  # no sample images in trials
     d["output"].update(checkpoint_every=sweep.report_every, keep_last=1)
@@ -95,5 +92,6 @@ def prepare_base(recipe: Recipe, sweep: Sweep, out: Path) -> Path:
     d["data"]["num_workers"] = 0 if not torch.cuda.is_available() else d["data"]["num_workers"]
     path = out / "trial_recipe.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
-    print(f"cache {index.root}: {index.num_train} training, {len(index.val)} validation shard(s); every trial reads it")
+    for line in mix.describe():
+        print(f"cache {line}; every trial reads it")
     return path

@@ -2,7 +2,8 @@
 
     flux2-lora ui [--root DIR ...] [--port 7860] [--host 127.0.0.1] [--share] [--auth USER:PASS | --auth-file F]
 
-Datasets are checked in this process (the same `validate_dataset` / `analyze_dataset` as `flux2-lora data`).
+Datasets are checked in this process (the same `validate_dataset` / `analyze_dataset` as `flux2-lora data`); the
+Dataset tab also lists a recipe's sources with their counts and masks (sources_view.py).
 Training, sweeps and evaluations run as `flux2-lora train|tune|eval` child processes (jobs.JobManager): the page
 polls their folders once a second, a reload finds a running job again, and Stop asks the process to checkpoint and
 exit. Every path typed in the page must lie inside a `--root` folder (default: the current folder).
@@ -22,6 +23,7 @@ from ..recipe import parse_recipe, presets
 from ..resources import recipes_dir
 from .jobs import Job, JobManager
 from .paths import DATASETS, Roots, UiError
+from .sources_view import HEADERS, read_sources, recipe_argv, sources_gallery, sources_summary, sources_table
 from .views import (
     checkpoint_label,
     checkpoints,
@@ -97,8 +99,14 @@ def _extra(text: str | None) -> list[str]:
 def _check_recipe_paths(recipe: Any, roots: Roots) -> None:
     """The recipe fields that read or write the user's files stay inside the roots too, whatever "more flags"
     said. (A model folder may lie anywhere: it is only read, and usually sits in the hub cache.)"""
+    from ..sources import resolve_sources
+
     roots.resolve(recipe.output.dir, "output.dir", must_exist=False)
-    roots.resolve(recipe.data.dataset, "data.dataset", must_exist=False, allow_builtin=True)
+    for src in resolve_sources(recipe.data):  # data.dataset, or each of data.datasets, and its mask folder
+        where = src.field if src.field == "data.dataset" else f"{src.field}.path"
+        roots.resolve(src.path, where, must_exist=False, allow_builtin=True)
+        if src.mask_dir:
+            roots.resolve(src.mask_dir, "data.mask_dir" if src.field == "data.dataset" else f"{src.field}.mask_dir")
     for field, value in (("lora.init_from", recipe.lora.init_from),
                          ("validation.clip_weights", getattr(recipe.validation, "clip_weights", None))):  # fmt: skip
         if value:
@@ -120,11 +128,11 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _data_facts(root: Path) -> str:
+def _data_facts(root: Path, mask_dir: Path | None = None) -> str:
     """What training reads from a dataset folder: its items, and how many carry reference images."""
     if root.is_file() or (root / "index.json").is_file():
         return f"`{root.name}`: {'a shard' if root.is_file() else 'a cache folder'}, read as it is"
-    entries, refused = dataset_entries(root)
+    entries, refused = dataset_entries(root, mask_dir)
     if refused:
         return f"**Training would refuse this folder:** {refused}"
     text = f"training reads {reference_summary(entries)}"
@@ -166,12 +174,19 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
         with gr.Tab("Dataset", id="dataset"):
             with gr.Row():
                 ds_path = picker([*image_folders, *DATASETS], "Dataset folder", "ds-path", scale=4)
+                ds_mask_dir = gr.Textbox(label="Mask folder (optional)", elem_id="ds-mask-dir", scale=2)
                 ds_min_res = gr.Number(value=256, label="Smallest short side (px)", elem_id="ds-min-res", min_width=140)
                 ds_check = gr.Button("Check", variant="primary", elem_id="ds-check")
+            with gr.Row():
+                ds_preset = gr.Dropdown(["", *presets()], value="", label="Preset (blank: none)", elem_id="ds-preset")
+                ds_recipe = gr.Textbox(label="Recipe file: show its sources", elem_id="ds-recipe", scale=4)
+                ds_sources = gr.Button("Show sources", elem_id="ds-sources")
             with gr.Row():
                 ds_fix_out = gr.Textbox(label="Write a fixed copy to", elem_id="ds-fix-out", scale=4)
                 ds_fix = gr.Button("Fix", elem_id="ds-fix")
             ds_status = gr.Markdown(elem_id="ds-status")
+            ds_table = gr.Dataframe(headers=HEADERS, label="Sources", interactive=False, elem_id="ds-sources-table",
+                                    visible=False)  # fmt: skip
             ds_problems = gr.Dataframe(
                 headers=["severity", "file", "code", "reason"], label="Problems", interactive=False,
                 elem_id="ds-problems",
@@ -182,45 +197,68 @@ def build_app(roots: Roots, state_dir: Path) -> Any:
                 )
                 ds_stats = gr.Textbox(label="Statistics", lines=16, elem_id="ds-stats")
             ds_gallery = gr.Gallery(
-                label="Images and captions (an item with references: references -> target)", columns=6, height=420,
+                label="Images and captions (an item with references: references -> target; red: left out by its "
+                "loss mask)", columns=6, height=420,
                 object_fit="contain", elem_id="ds-gallery",
             )  # fmt: skip
 
-            def check(path: str, min_res: Any) -> tuple[Any, ...]:
+            def mask_folder(text: str | None) -> Path | None:
+                return Path(roots.resolve(text, "mask folder")) if (text or "").strip() else None
+
+            def check(path: str, mask_dir: str, min_res: Any) -> tuple[Any, ...]:
                 from ..data.analyze import analyze_dataset, format_analysis, plot_analysis
                 from ..data.validate import validate_dataset
 
+                hidden = gr.update(visible=False)
                 try:
                     root, builtin = roots.dataset(path)
-                    report = validate_dataset(root, min_resolution=int(min_res or 0))
+                    masks = mask_folder(mask_dir)
+                    report = validate_dataset(root, min_resolution=int(min_res or 0), mask_dir=masks)
                     stats = analyze_dataset(root)
                 except (UiError, DataError) as e:
-                    return _error(e), [], None, "", []
+                    return _error(e), hidden, [], None, "", []
                 hist = plot_analysis(stats, work / f"analysis-{stamp()}.png")
                 summary = (
                     f"**{path.strip() if builtin else root}**: {report.n_images} images, {report.n_ok} ok, "
                     f"{report.n_errors} errors, {report.n_warnings} warnings"
+                    + (f", {len(report.masks)} with a loss mask" if report.masks else "")
                     + (" — fix them or write a fixed copy below" if report.problems else " — ready to train")
                     + "\n\n"
-                    + _data_facts(root)
+                    + _data_facts(root, masks)
                 )
-                gallery = thumbnails(root, tile_dir=work / "tiles", copy_plain=builtin)
-                return summary, problem_rows(report), str(hist), format_analysis(stats), gallery
+                gallery = thumbnails(root, tile_dir=work / "tiles", copy_plain=builtin, mask_dir=masks)
+                return summary, hidden, problem_rows(report), str(hist), format_analysis(stats), gallery
 
-            def fix(path: str, min_res: Any, out: str) -> str:
+            def show_sources(preset: str, config: str) -> tuple[Any, ...]:
+                try:
+                    argv = recipe_argv(preset, config, roots)
+                    recipe, _ = parse_recipe(argv, need_data=True)
+                    views = read_sources(recipe, roots)
+                except (UiError, UsageError, RecipeError, DataError) as e:
+                    return _error(e), gr.update(visible=False), [], None, "", []
+                headers, rows = sources_table(views)
+                name = Path(argv[-1]).name if (config or "").strip() else f"preset {preset}"
+                table = gr.update(value={"headers": headers, "data": rows}, visible=True)
+                return sources_summary(views, name), table, [], None, "", sources_gallery(views, work / "tiles")
+
+            def fix(path: str, mask_dir: str, min_res: Any, out: str) -> str:
                 from ..data.fix import fix_dataset
                 from ..data.validate import validate_dataset
 
                 try:
-                    root = str(roots.dataset(path)[0])
+                    root, masks = str(roots.dataset(path)[0]), mask_folder(mask_dir)
                     target = roots.resolve(out, "fixed copy", must_exist=False)
-                    lines = fix_dataset(root, target, validate_dataset(root, min_resolution=int(min_res or 0)))
+                    report = validate_dataset(root, min_resolution=int(min_res or 0), mask_dir=masks)
+                    lines = fix_dataset(root, target, report)
                 except (UiError, DataError) as e:
                     return _error(e)
                 return f"wrote **{target}** ({len(lines)} changes, listed in its FIXES.txt)"
 
-            ds_check.click(check, [ds_path, ds_min_res], [ds_status, ds_problems, ds_hist, ds_stats, ds_gallery])
-            ds_fix.click(fix, [ds_path, ds_min_res, ds_fix_out], [ds_status])
+            ds_views = [ds_status, ds_table, ds_problems, ds_hist, ds_stats, ds_gallery]
+            ds_check.click(check, [ds_path, ds_mask_dir, ds_min_res], ds_views)
+            ds_sources.click(show_sources, [ds_preset, ds_recipe], ds_views)
+            ds_recipe.submit(show_sources, [ds_preset, ds_recipe], ds_views)
+            ds_fix.click(fix, [ds_path, ds_mask_dir, ds_min_res, ds_fix_out], [ds_status])
 
         # ------------------------------------------------------------------------------------------ Training
         with gr.Tab("Training", id="training"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,33 +37,46 @@ class DatasetEntry:
     image: Path
     caption: str
     references: tuple[Path, ...] = ()
+    mask: Path | None = None  # its loss mask (data/masks.py)
 
 
-def dataset_entries(root: Path) -> tuple[list[DatasetEntry], str | None]:
-    """The dataset's items as training reads them (scan_folder: references joined to their targets), and None; on
-    a folder training refuses (a bad metadata.jsonl, a reference without its target), every image as an entry of its
-    own, with the refusal's one line. A missing caption is shown, not refused: `data validate` reports it."""
+def dataset_entries(root: Path, mask_dir: Path | None = None) -> tuple[list[DatasetEntry], str | None]:
+    """The dataset's items as training reads them (scan_folder: references joined to their targets, loss masks
+    found beside the images or in `mask_dir`), and None; on a folder training refuses (a bad metadata.jsonl, a
+    reference without its target, two masks for one image), every image as an entry of its own with the masks that
+    are plain to find, and the refusal's one line. A missing caption is shown, not refused: `data validate`
+    reports it."""
     from ..data.folder import scan_folder
+    from ..data.masks import find_masks, resolve_mask_dir, split_masks
 
     try:
-        items = scan_folder(root, instance_prompt="")
+        items = scan_folder(root, instance_prompt="", mask_dir=mask_dir)
     except DataError as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
     else:
-        return [DatasetEntry(i.image, i.caption, tuple(i.references)) for i in items], None
+        return [DatasetEntry(i.image, i.caption, tuple(i.references), i.mask) for i in items], None
     metadata, _ = read_metadata(root)
-    out: list[DatasetEntry] = []
+    files: list[Path] = []
     for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
         rel = p.relative_to(root)
         if p.suffix.lower() not in IMAGE_EXTENSIONS or any(part.startswith(".") for part in rel.parts):
             continue
         if p.is_symlink() or not p.is_file():
             continue
+        files.append(p)
+    try:
+        masks_in = resolve_mask_dir(mask_dir, root)
+    except DataError:
+        masks_in = None  # the refusal above names it
+    images, mask_files, _ = split_masks(files, masks_in)
+    masks = find_masks(root, images, mask_files, masks_in).of
+    out: list[DatasetEntry] = []
+    for p in images:
         try:
             caption = find_caption(p, metadata, root).text or ""
         except (OSError, UnicodeDecodeError):
             caption = ""
-        out.append(DatasetEntry(p, caption))
+        out.append(DatasetEntry(p, caption, mask=masks.get(p)))
     return out, why
 
 
@@ -85,14 +99,35 @@ def reference_summary(entries: list[DatasetEntry]) -> str:
 
 
 def entry_caption(entry: DatasetEntry, root: Path) -> str:
-    """The gallery line: `rel: caption`, then the references by name when there are any."""
+    """The gallery line: `rel: caption`, then the references by name when there are any, then the loss mask."""
     rel = entry.image.relative_to(root).as_posix()
     text = f"{rel}: {entry.caption or '(no caption)'}"
     if entry.references:
         k = len(entry.references)
         names = ", ".join(r.relative_to(root).as_posix() for r in entry.references)
         text += f" — {k} reference{'' if k == 1 else 's'}: {names}"
+    if entry.mask is not None:
+        name = Path(os.path.relpath(entry.mask, root)).as_posix()  # a mask folder beside it: ../masks/x.png
+        text += f" — mask: {name} (red: not trained)"
     return text
+
+
+MASK_TINT = (230, 20, 20)  # the colour laid over what a loss mask ignores
+MASK_ALPHA = 0.6  # its opacity where the mask is black (weight 0); grey in proportion, white untouched
+
+
+def mask_overlay(image: Any, mask: Any) -> Any:
+    """`image` (PIL) as RGB with what its loss mask ignores tinted red: `mask` is `masks.open_mask`'s "F" image of
+    weights in 0..1, resized to the image's size when it differs (a thumbnail)."""
+    import numpy as np
+    from PIL import Image
+
+    weights = mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.BILINEAR)
+    w = np.clip(np.asarray(weights, dtype=np.float32), 0.0, 1.0)[..., None]
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    alpha = (1.0 - w) * MASK_ALPHA
+    out = rgb * (1.0 - alpha) + np.asarray(MASK_TINT, dtype=np.float32) * alpha
+    return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8), "RGB")
 
 
 TILE = 192  # the height of a gallery tile drawn here
@@ -100,19 +135,24 @@ TILE = 192  # the height of a gallery tile drawn here
 
 def _tile(entry: DatasetEntry, out_dir: Path) -> Path:
     """A picture of one item: its references small on the left, an arrow, then the target (a plain item: the
-    target alone). Drawn once per set of files: the name hashes their paths, sizes and times."""
+    target alone) with its loss mask laid over it (`mask_overlay`). Drawn once per set of files: the name hashes
+    their paths, sizes and times."""
     import uuid
 
     from PIL import Image, ImageDraw, ImageOps
 
     from ..data.folder import load_image
+    from ..data.masks import open_mask
 
-    files = [entry.image, *entry.references]
+    files = [entry.image, *entry.references, *([entry.mask] if entry.mask is not None else [])]
     stamp_of = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    stamp_of += f"|mask={entry.mask is not None}"
     path = out_dir / f"tile-{hashlib.sha1(stamp_of.encode()).hexdigest()[:16]}.png"
     if path.exists():
         return path
     target = ImageOps.contain(load_image(entry.image), (2 * TILE, TILE))
+    if entry.mask is not None:
+        target = mask_overlay(target, open_mask(entry.mask))
     k, pad = len(entry.references), 4
     rows = 1 if k <= 1 else 2 if k <= 4 else 3
     small = (TILE - pad * (rows - 1)) // rows if rows > 1 else TILE // 2
@@ -136,21 +176,29 @@ def _tile(entry: DatasetEntry, out_dir: Path) -> Path:
 
 
 def thumbnails(
-    root: Path, limit: int = 48, tile_dir: Path | None = None, copy_plain: bool = False
+    root: Path,
+    limit: int = 48,
+    tile_dir: Path | None = None,
+    copy_plain: bool = False,
+    mask_dir: Path | None = None,
+    entries: list[DatasetEntry] | None = None,
+    prefix: str = "",
 ) -> list[tuple[str, str]]:
     """(picture, caption) for the first `limit` items in file order, with the caption the trainer would read and the
-    item's references named. With `tile_dir`, an item with references is drawn there as references -> target (and
-    so is every item when `copy_plain`: a folder the browser may not read, such as a built-in dataset's)."""
-    entries, _ = dataset_entries(root)
+    item's references and loss mask named. With `tile_dir`, an item with references or a mask is drawn there (as
+    references -> target, the mask tinting red what it ignores; so is every item when `copy_plain`: a folder the
+    browser may not read, such as a built-in dataset's). `entries`: dataset_entries(root, mask_dir) if known."""
+    if entries is None:
+        entries, _ = dataset_entries(root, mask_dir)
     out: list[tuple[str, str]] = []
     for e in entries[:limit]:
         picture = str(e.image)
-        if tile_dir is not None and (e.references or copy_plain):
+        if tile_dir is not None and (e.references or e.mask is not None or copy_plain):
             try:
                 picture = str(_tile(e, tile_dir))
             except (OSError, DataError):
                 pass  # an unreadable file: validate names it; the gallery shows what it can
-        out.append((picture, entry_caption(e, root)))
+        out.append((picture, prefix + entry_caption(e, root)))
     return out
 
 

@@ -242,6 +242,24 @@ def test_sharded_loading_never_materialises_the_whole_base_on_a_non_main_process
 
 @pytest.mark.slow
 @pytest.mark.cluster
+def test_an_int8_base_trains_under_ddp_on_2_processes_like_1_process(two_shards: Path, tmp_path: Path) -> None:
+    """Where the strategy allows a quantized base (ddp: each process holds the int8 base whole), it keeps working:
+    2 processes x batch 1 give the LoRA of 1 process x batch 2, both on the int8 base."""
+    pytest.importorskip("torchao")
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = run_cli(*_args(two_shards, one, "--training.batch_size", "2", "--model.quantize", "int8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([*DDP, *_args(two_shards, two, "--training.batch_size", "1", "--distributed.strategy", "ddp",
+                             "--model.quantize", "int8")])  # fmt: skip
+    assert "dist  ddp over 2 processes" in res.stdout
+    a, b = _lora(one), _lora(two)
+    assert a.keys() == b.keys() and a
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
 def test_an_int8_base_under_a_strategy_that_cannot_train_it_stops_in_one_line_before_the_cache_stage(
     tmp_path: Path, sample_data: Path, strategy: str

@@ -142,20 +142,27 @@ def test_merged_model_gives_the_image_of_base_plus_lora(
     assert untouched and all(torch.equal(fused[k], base[k]) for k in untouched)
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_a_run_started_from_a_lora_starts_at_its_loss(
-    lora_path: Path, tiny_dev: Path, sample_data: Path, tmp_path: Path
+    layout: str, lora_path: Path, tiny_dev: Path, sample_data: Path, tmp_path: Path
 ) -> None:
-    """First-step training loss and step-0 validation loss equal those of the LoRA loaded by diffusers' loader."""
+    """First-step training loss and step-0 validation loss equal those of the LoRA loaded by diffusers' loader.
+
+    `diffusers`: `--init-lora` of the training output itself (alpha/rank folded into lora_B, header alpha = rank)
+    continues at the same update; `kohya`: the same LoRA exported to another layout does too."""
     from flux2_lora.cli import parse_train
     from flux2_lora.draws import draw_batch
     from flux2_lora.flow import flow_loss
     from flux2_lora.model import load_transformer, pipeline_class
     from flux2_lora.train import Trainer
 
-    kohya = interop.write_lora(interop.load_lora(lora_path), tmp_path / "kohya.safetensors", "kohya")
+    start = lora_path
+    if layout != "diffusers":
+        start = interop.write_lora(interop.load_lora(lora_path), tmp_path / f"{layout}.safetensors", layout)
+    assert layout != "diffusers" or float(interop.load_lora(start).metadata["flux2_lora.scale_in_B"]) != 1.0
     mini = first_images(sample_data, tmp_path / "mini", 3)
     recipe, _ = parse_train(
-        ["--preset", "tiny", "--output", str(tmp_path / "run"), "--init-lora", str(kohya), "--rank", "4",
+        ["--preset", "tiny", "--output", str(tmp_path / "run"), "--init-lora", str(start), "--rank", "4",
          "--dataset", str(mini), "--data.holdout", "1",
          "--lora.alpha", "2", "--lora.targets", "all-linear", "--steps", "1", "--validation.prompts", "[]",
          "--validation.every_n_steps", "0", "--logging.log_every", "1", "--output.checkpoint_every", "0"]
@@ -168,7 +175,7 @@ def test_a_run_started_from_a_lora_starts_at_its_loss(
     sd, md = cls.lora_state_dict(str(lora_path), return_lora_metadata=True)
     cls.load_lora_into_transformer(sd, transformer=ref, metadata=md)
     batch = next(trainer._batches())
-    latents, embeds, sigmas, noise, _ = draw_batch(batch, recipe.data, recipe.training, trainer.empty_embeds)
+    latents, embeds, sigmas, noise, *_ = draw_batch(batch, recipe.data, recipe.training, trainer.empty_embeds)
     img_ids, txt_ids = trainer._position_ids(latents, embeds)
     guidance = trainer.guidance.expand(len(latents)) if trainer.guidance is not None else None
     args = (latents, embeds, sigmas, noise, img_ids, txt_ids, guidance, recipe.training.loss_weighting)

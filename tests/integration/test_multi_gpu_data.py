@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -72,12 +73,28 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_dev: Path) -> dict[st
         "8-one-bucket": _photos(base / "eight", [(120 + 4 * i, 120 + 4 * i) for i in range(8)]),
         "12-three-buckets": _photos(base / "twelve", [(96, 96), (130, 128)] * 2 + [(160, 104)] * 4 + [(100, 150)] * 4),
         "10-edit": _edit_photos(base / "10-edit"),
+        "mix": _mix(base),
     }
+
+
+def _mix(base: Path) -> Path:
+    """A recipe of three sources (issue 20): 4 photos (2 held out) x 2 repeats, 2 photos at two resolutions, and 2
+    regularisation photos trained towards the base model's prediction (the LoRA off in a sharded forward too):
+    10 samples per epoch in 7 global batches of 2, some short, groups shared across sources."""
+    sources = [
+        {"path": str(_photos(base / "mix-a", [(120 + 4 * i, 120) for i in range(4)])), "repeats": 2},
+        {"path": str(_photos(base / "mix-b", [(96, 96), (160, 104)])), "resolutions": [64, 96], "holdout": 0},
+        {"path": str(_photos(base / "mix-reg", [(128, 128)] * 2)), "role": "regularisation"},
+    ]
+    path = base / "mix.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": None, "datasets": sources, "prior_target": "base"}}))
+    return path
 
 
 def _args(dataset: Path, out: Path, batch: int, *extra: str) -> list[str]:
     extra = (*EXTRA.get(dataset.name, []), *extra)  # the folders are named as in `folders`
-    return ["train", "--preset", "tiny", "--dataset", str(dataset), "--steps", str(STEPS), "--batch-size", str(batch),
+    data = ["--config", str(dataset)] if dataset.suffix == ".yaml" else ["--dataset", str(dataset)]
+    return ["train", "--preset", "tiny", *data, "--steps", str(STEPS), "--batch-size", str(batch),
             "--validation.every_n_steps", "0", "--validation.prompts", "[]", "--output.checkpoint_every", "2",
             "--output.keep_last", "10", "--output", str(out), *extra]  # fmt: skip
 
@@ -130,7 +147,11 @@ def ddp_runs(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 def _check_division(out: Path, log: str) -> None:
     """Each complete epoch: both ranks trained, their counts differ by at most one batch and add up to the epoch."""
-    total = int(log.split(" samples x ")[0].rsplit(" ", 1)[1])  # from the `data  global batch ...` line
+    line = next(ln for ln in log.splitlines() if ln.startswith("data  global batch"))
+    # "N samples x R repeat(s)", or with sources of several repeats "N samples, M with repeats"
+    total = int(line.split(" with repeats")[0].rsplit(" ", 1)[1] if " with repeats" in line else
+                line.split(" samples x ")[0].rsplit(" ", 1)[1]) * (1 if " with repeats" in line else
+                int(line.split(" samples x ")[1].split(" ", 1)[0]))  # fmt: skip
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "samples_per_rank" in r and r["epoch_complete"]]
     assert epochs, log[-2000:]
@@ -143,7 +164,7 @@ def _check_division(out: Path, log: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-@pytest.mark.parametrize("dataset", ["8-one-bucket", "12-three-buckets", "10-edit"])
+@pytest.mark.parametrize("dataset", ["8-one-bucket", "12-three-buckets", "10-edit", "mix"])
 def test_two_processes_equal_one_process_with_twice_the_batch(
     strategy: str,
     dataset: str,
@@ -165,6 +186,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(
         assert "of them short" in log  # the case with zero-weight slots is really exercised
     if dataset == "10-edit":
         assert "group(s) of bucket and reference sizes" in log
+    if dataset == "mix":  # every source trained its share: 2 x 2 repeats, 2 x 2 resolutions, 2 regularisation
+        records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        assert "(regularisation)" in log and records[1]["samples_per_source"] == [4, 4, 2], records[:3]
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(

@@ -1,9 +1,10 @@
 """The web app in a real browser: Playwright drives Debian's chromium (headless) against `flux2-lora ui`.
 
 The app runs as its own process on a free port with one allowed folder (tmp). The tests run in order on that one
-app: check the sample dataset, train the tiny model from the Training tab (watching progress and the loss plot
-update, reloading the page mid-run), compare two of its checkpoints, train on the built-in editing dataset and see
-its references in the Dataset tab, and look at the Optimization tab. Each test saves a screenshot of its tab in
+app: check the sample dataset, show a recipe's masked source (its table, and a thumbnail with the mask laid over
+it), train the tiny model from the Training tab (watching progress and the loss plot update, reloading the page
+mid-run), compare two of its checkpoints, train on the built-in editing dataset and see its references in the
+Dataset tab, and look at the Optimization tab. Each test saves a screenshot of its tab in
 build/ui-screenshots/. Processes started here (the app, and the jobs it started, found in its state folder) are
 stopped by pid at the end.
 
@@ -139,6 +140,66 @@ def test_dataset_tab_checks_a_folder_and_refuses_one_outside_the_roots(app: dict
     _fill(page, "ds-path", "/etc", enter=True)
     page.locator("#ds-check").click()
     expect(page.locator("#ds-status")).to_contain_text("dataset: /etc is outside the folders this app may use")
+
+
+def test_dataset_tab_shows_a_recipes_masked_source_with_the_mask_over_its_thumbnail(app: dict[str, Any]) -> None:
+    import io
+    import re
+
+    import yaml
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    page, root = app["page"], app["root"]
+    images, masks = root / "masked" / "images", root / "masked" / "masks"
+    for folder in (images, masks):
+        folder.mkdir(parents=True)
+    colours = [(200, 200, 200), (40, 120, 200), (200, 120, 40), (60, 160, 60)]  # distinct: no duplicate warnings
+    for i, colour in enumerate(colours):  # 2:1 pictures; the grey one has a mask whose left half is black (ignored)
+        Image.new("RGB", (256, 128), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a plain picture {i}\n")
+    mask = Image.new("L", (256, 128), 255)
+    mask.paste(0, (0, 0, 128, 128))
+    mask.save(masks / "0.png")
+    source = {"path": str(images), "mask_dir": str(masks), "repeats": 2, "resolutions": [256, 512], "holdout": 0}
+    recipe = root / "masked" / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"datasets": [source]}}))
+
+    _tab(page, "Dataset")
+    _fill(page, "ds-recipe", str(root / "masked" / "missing.yaml"))
+    page.locator("#ds-sources").click()
+    expect(page.locator("#ds-status")).to_contain_text("recipe file: ")  # one line, no traceback
+    expect(page.locator("#ds-status")).to_contain_text("does not exist")
+    _fill(page, "ds-recipe", str(recipe))
+    page.locator("#ds-sources").click()
+    status = page.locator("#ds-status")
+    expect(status).to_contain_text("recipe.yaml: 1 source (1 train): 4 images, 1 masked, 16 samples per epoch")
+    expect(status).to_contain_text("images (train): 4 images, 1 masked, 16 samples per epoch (100%)")
+    table = page.locator("#ds-sources-table")
+    expect(table).to_be_visible()
+    for cell in ("data.datasets[0]", str(images), "train", "256, 512", "16", "100"):
+        expect(table).to_contain_text(cell)
+    gallery = page.locator("#ds-gallery")
+    expect(page.locator("#ds-gallery img")).to_have_count(4)
+    expect(gallery).to_contain_text("[1] 0.png: a plain picture 0 — mask: ")
+    expect(gallery).to_contain_text("(red: not trained)")
+    # The first thumbnail is the picture with its mask laid over it: the left half red, the right half as it is.
+    src = page.locator("#ds-gallery img").first.get_attribute("src")
+    with Image.open(io.BytesIO(page.request.get(src).body())) as im:
+        im = im.convert("RGB")
+        left, right = im.getpixel((im.width // 4, im.height // 2)), im.getpixel((3 * im.width // 4, im.height // 2))
+    assert left[0] > left[1] + 100 and left[0] > left[2] + 100, left
+    assert right == (200, 200, 200), right
+    page.screenshot(path=str(SHOTS / "dataset-sources.png"), full_page=True)
+    # A plain folder check takes the mask folder too; the sources table goes away.
+    _fill(page, "ds-path", str(images), enter=True)
+    _fill(page, "ds-mask-dir", str(masks))
+    _fill(page, "ds-min-res", "64")
+    page.locator("#ds-check").click()
+    expect(status).to_contain_text(re.compile(r"4 images, 4 ok, 0 errors, 0 warnings, 1 with a loss mask"))
+    expect(table).to_be_hidden()
+    expect(gallery).to_contain_text("0.png: a plain picture 0 — mask: ")
+    _fill(page, "ds-mask-dir", "")
 
 
 def test_training_tab_runs_the_tiny_model_to_the_end_with_live_progress(app: dict[str, Any]) -> None:

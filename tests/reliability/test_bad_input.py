@@ -54,6 +54,10 @@ BAD = [
         "model.max_sequence_length: must be in 1..4096 prompt tokens (FLUX.2's pipelines use 512), got 100000000",
     ),
     (
+        ["--lora.rank", "100000000"],
+        "lora.rank: must be in 1..6144 (FLUX.2-dev's transformer width; a higher rank adds nothing), got 100000000",
+    ),
+    (
         ["--config", "{recipe}|training: [1, 2]\n"],
         "training: must be a mapping of training.* fields (e.g. `training:` then indented `key: value` lines), "
         "got [1, 2] in {recipe}",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flux2_lora import checkpoint as ckpt
@@ -59,6 +60,24 @@ def test_a_resume_from_an_older_step_sets_the_later_checkpoints_aside(tmp_path: 
     assert f"resumed from {root / 'step-27'} at step 27" in res.stdout
 
 
+def test_a_finished_run_trains_further_when_steps_is_raised_on_resume(tmp_path: Path, run30: Path, cache: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(run30, out)
+    root = out / "checkpoints"
+    # Not raised: the finished run's checkpoint is past the new last step, one line before anything loads.
+    res = train(out, "--steps", "20", "--resume", "latest", dataset=cache)
+    assert res.returncode == 2
+    assert error_line(res).endswith("past training.max_steps 20; raise --steps to train further")
+    # Raised: it continues from step 30, its lr schedule now ending at the new last step, and exports again.
+    res = train(out, "--steps", "34", "--output.checkpoint_every", "2", "--resume", "latest", dataset=cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resume: training.max_steps 30 -> 34; the " in res.stdout
+    assert f"resumed from {root / 'step-30'} at step 30" in res.stdout
+    assert _latest(root) == "step-34"
+    with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
+        assert (f.metadata() or {})["flux2_lora.steps"] == "34"
+
+
 def test_a_broken_latest_falls_back_to_the_newest_good_checkpoint_and_keeps_the_new_ones(
     tmp_path: Path, run30: Path, cache: Path
 ) -> None:
@@ -93,6 +112,29 @@ def test_when_no_checkpoint_resumes_the_run_starts_over_without_deleting_them(
     assert _names(root) == ["step-2", "step-4"] and _latest(root) == "step-4"
     (aside,) = root.glob("set-aside-*")
     assert sorted(p.name for p in aside.iterdir()) == ["step-10", "step-20", "step-30"]
+
+
+def test_a_resume_from_a_set_aside_checkpoint_sets_the_current_line_aside(
+    tmp_path: Path, run30: Path, cache: Path
+) -> None:
+    """Going back to an abandoned line (its step-30 in a set-aside folder) replaces the line in `checkpoints/`,
+    older steps included: retention must not delete them."""
+    out = tmp_path / "run"
+    shutil.copytree(run30, out)
+    root = out / "checkpoints"
+    old = root / "set-aside-earlier"
+    old.mkdir()
+    os.replace(root / "step-30", old / "step-30")
+    res = train(
+        out, "--steps", "32", "--output.checkpoint_every", "1", "--output.keep_last", "1",
+        "--resume", str(old / "step-30"), dataset=cache,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resume: set aside step-10, step-20 (not the line of {old / 'step-30'}" in res.stdout
+    assert _names(root) == ["step-32"] and _latest(root) == "step-32"
+    (aside,) = set(root.glob("set-aside-*")) - {old}
+    assert sorted(p.name for p in aside.iterdir()) == ["step-10", "step-20"]
+    assert all(ckpt.check_checkpoint(c) is None for c in (aside / "step-10", aside / "step-20", old / "step-30"))
 
 
 def _truncate(f: Path) -> None:

@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "flux2_lora"
 
 # Bottom to top; a module may import its own layer and the ones below it, never one above.
 LAYERS = {
-    "foundation": ["errors", "resources", "references", "config", "recipe"],
+    "foundation": ["errors", "resources", "references", "config", "recipe", "sources"],
     "core": ["model", "flow", "quant", "memory", "swap", "sampling", "plots", "checkpoint", "distributed",
-             "callbacks", "safety", "data"],
-    "runs": ["train", "draws", "optim", "run_files", "train_checkpoint", "evaluate", "interop", "launch", "tune", "system"],
+             "callbacks", "safety", "data", "draws"],
+    "runs": ["train", "optim", "run_files", "train_checkpoint", "evaluate", "interop", "launch", "tune", "system"],
     "app": ["ui"],
     "commands": ["commands", "cli", "__main__"],
 }  # fmt: skip

@@ -317,3 +317,127 @@ def test_recipe_flags_cannot_point_outside_the_roots(tmp_path: Path, tiny_dev: P
         recipe, _ = parse_train(["--preset", "tiny", "--output.dir", str(root / "run"), *flags], need_data=False)
         with pytest.raises(UiError, match=f"{field}: .*outside the folders"):
             _check_recipe_paths(recipe, roots)
+
+
+def _masked_sources(root: Path) -> Path:
+    """subject/ (3 grey 64x32 images, 0.png masked beside it: left half black), reg/ (2 images), masks/ (a mask
+    folder for reg/1.png), and recipe.yaml listing subject (x2, two resolutions, holdout 1) and reg (regularisation,
+    its masks in masks/)."""
+    import yaml
+    from PIL import Image
+
+    for name, n in (("subject", 3), ("reg", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (64, 32), (200, 200, 200)).save(root / name / f"{i}.png")
+            (root / name / f"{i}.txt").write_text(f"{name} {i}\n")
+    half = Image.new("L", (64, 32), 255)
+    half.paste(0, (0, 0, 32, 32))
+    half.save(root / "subject" / "0.mask.png")
+    (root / "masks").mkdir()
+    half.save(root / "masks" / "1.png")
+    sources = [
+        {"path": str(root / "subject"), "repeats": 2, "resolutions": [256, 512], "holdout": 1},
+        {"path": str(root / "reg"), "role": "regularisation", "mask_dir": str(root / "masks")},
+    ]
+    (root / "recipe.yaml").write_text(yaml.safe_dump({"data": {"datasets": sources}}))
+    return root / "recipe.yaml"
+
+
+def test_mask_overlay_tints_what_the_mask_leaves_out() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from flux2_lora.ui.views import MASK_ALPHA, MASK_TINT, mask_overlay
+
+    image = Image.new("RGB", (6, 2), (200, 200, 200))
+    weights = np.array([[0.0, 0.0, 0.5, 0.5, 1.0, 1.0]] * 2, dtype=np.float32)
+    out = np.asarray(mask_overlay(image, Image.fromarray(weights, "F")), dtype=np.float32)
+    full = [200 * (1 - MASK_ALPHA) + t * MASK_ALPHA for t in MASK_TINT]  # black: tinted at MASK_ALPHA
+    half = [200 * (1 - MASK_ALPHA / 2) + t * MASK_ALPHA / 2 for t in MASK_TINT]  # grey: in proportion
+    assert np.allclose(out[0, 0], full, atol=1) and np.allclose(out[0, 2], half, atol=1)
+    assert out[0, 5].tolist() == [200, 200, 200]  # white: untouched
+    # A full-size mask over a thumbnail is resized to it.
+    small = mask_overlay(Image.new("RGB", (3, 1), (200, 200, 200)), Image.fromarray(weights.repeat(4, 0), "F"))
+    (r0, g0, _), (r2, g2, _) = small.getpixel((0, 0)), small.getpixel((2, 0))
+    assert small.size == (3, 1) and r0 > g0 + 100 and abs(r2 - 200) < 10 and abs(g2 - 200) < 10
+
+
+def test_sources_view_lists_a_recipes_sources_with_counts_and_masked_thumbnails(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from flux2_lora.errors import RecipeError
+    from flux2_lora.recipe import parse_recipe
+    from flux2_lora.ui.sources_view import (
+        HEADERS,
+        read_sources,
+        recipe_argv,
+        sources_gallery,
+        sources_summary,
+        sources_table,
+    )
+
+    recipe_file = _masked_sources(tmp_path / "root")
+    roots = Roots.of([tmp_path / "root"])
+    argv = recipe_argv("", "recipe.yaml", roots)  # relative: inside the first root
+    assert argv == ["--config", str(recipe_file)]
+    views = read_sources(parse_recipe(argv, need_data=True)[0], roots)
+    headers, rows = sources_table(views)
+    assert headers == HEADERS
+    root = tmp_path / "root"
+    # subject: (3 - 1 held out) x 2 repeats x 2 resolutions = 8; reg: 2 x 1 x 1 (never held out) = 2.
+    assert rows == [
+        ["data.datasets[0]", str(root / "subject"), "train", 2, "256, 512", 3, 1, 8, 80.0, ""],
+        ["data.datasets[1]", str(root / "reg"), "regularisation", 1, "1024", 2, 1, 2, 20.0, ""],
+    ]
+    summary = sources_summary(views, "recipe.yaml")
+    assert summary.startswith("**recipe.yaml**: 2 sources (1 train, 1 regularisation): 5 images, 2 masked, ")
+    assert "1. `data.datasets[0]` subject (train): 3 images, 1 masked, 8 samples per epoch (80%)" in summary
+    assert "2. `data.datasets[1]` reg (regularisation): 2 images, 1 masked, 2 samples per epoch (20%)" in summary
+
+    tiles = tmp_path / "tiles"
+    shown = sources_gallery(views, tiles)
+    assert [c for _, c in shown] == [
+        "[1] 0.png: subject 0 — mask: 0.mask.png (red: not trained)",
+        "[1] 1.png: subject 1",
+        "[1] 2.png: subject 2",
+        "[2] 0.png: reg 0",
+        "[2] 1.png: reg 1 — mask: ../masks/1.png (red: not trained)",
+    ]
+    masked = Path(shown[0][0])
+    assert masked.parent == tiles and Path(shown[1][0]) == root / "subject" / "1.png"  # unmasked: the file itself
+    with Image.open(masked) as im:
+        left, right = im.convert("RGB").getpixel((10, im.height // 2)), im.getpixel((im.width - 10, im.height // 2))
+    assert left[0] > left[1] + 100 and right == (200, 200, 200)  # the ignored half is red, the trained half as is
+
+    # A plain folder's thumbnails take the mask folder too.
+    plain = thumbnails(root / "reg", tile_dir=tiles, mask_dir=root / "masks")
+    assert Path(plain[1][0]).parent == tiles and "mask: " in plain[1][1]
+
+    # A source outside the roots is listed, not read; a recipe mistake is one line.
+    outside = _masked_sources(tmp_path / "elsewhere")
+    only = Roots.of([root, tmp_path / "elsewhere" / "reg"])  # the recipe file may be read, subject/ may not
+    views = read_sources(parse_recipe(["--config", str(outside)], need_data=True)[0], only)
+    _, rows = sources_table(views)
+    assert rows[0][5:9] == ["-", "-", "-", "-"] and "outside the folders this app may use" in rows[0][9]
+    assert "data.datasets[1].mask_dir" in rows[1][9]  # its mask folder lies outside too
+    (root / "bad.yaml").write_text("data:\n  datasets:\n    - path: missing\n")
+    with pytest.raises(RecipeError, match=r"^data\.datasets\[0\]\.path: missing does not exist$"):
+        parse_recipe(recipe_argv("", "bad.yaml", roots), need_data=True)
+    with pytest.raises(UiError, match="recipe file: required"):
+        recipe_argv("", " ", roots)
+
+
+def test_recipe_sources_and_mask_folders_cannot_lie_outside_the_roots(tmp_path: Path) -> None:
+    from flux2_lora.recipe import parse_recipe
+    from flux2_lora.ui.app import _check_recipe_paths
+
+    root = tmp_path / "root"
+    recipe_file = _masked_sources(root)
+    (root / "runs").mkdir()
+    recipe, _ = parse_recipe(["--config", str(recipe_file), "--output.dir", str(root / "runs" / "a")])
+    _check_recipe_paths(recipe, Roots.of([root]))
+    with pytest.raises(UiError, match=r"data\.datasets\[1\]\.mask_dir: .*outside the folders"):
+        _check_recipe_paths(recipe, Roots.of([root / "runs", root / "subject", root / "reg"]))
+    with pytest.raises(UiError, match=r"data\.datasets\[0\]\.path: .*outside the folders"):
+        _check_recipe_paths(recipe, Roots.of([root / "runs", root / "reg", root / "masks"]))
