@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import RecipeError
-from .references import SamplePrompt, check_prompt_entries, check_prompts
+from .references import SamplePrompt, check_prompts
 
 # Hidden-state layers of the text encoder that FLUX.2 stacks into the prompt embedding, per family.
 # diffusers: Flux2Pipeline uses (10, 20, 30) for Mistral-3; Flux2KleinPipeline (9, 18, 27) for Qwen3.
@@ -37,40 +37,6 @@ MAX_LORA_RANK = 6144
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 LoraTargets = Literal["attention", "attention+single", "all-linear"]
-
-
-def load_yaml(text: str, where: str) -> Any:
-    """YAML parsed safely, refusing a key given twice in one mapping (`where`: the file, for the message).
-
-    PyYAML keeps the last of two equal keys without a word; a recipe or manifest with `lr` twice is a mistake
-    to point out, not a value to guess. Raises ValueError('<where> line N: ...')."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
-            line = key_node.start_mark.line + 1
-            if isinstance(key, (list, dict, set)):
-                raise ValueError(f"{where} line {line}: a key must be a plain name, not a {type(key).__name__}")
-            if key in seen:
-                raise ValueError(f"{where} line {line}: duplicate key {key!r} (first at line {seen[key]})")
-            seen[key] = line
-        return loader.construct_mapping(node)
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except RecursionError:
-        raise ValueError(f"{where} is nested too deeply to be a recipe or manifest") from None
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{where}{at} is not valid YAML ({first})") from None
 
 
 @dataclass
@@ -116,6 +82,9 @@ class ModelArgs:
     """Load every component on the CPU first, then move only what a stage needs to the device."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when name_or_path is a hub id."""
+    fp8_compute: bool = False
+    """Run the frozen base's block linears as fp8 matmuls (torchao float8, dynamic scaling) under the LoRA; needs a
+    GPU of compute capability 8.9+ (Ada, Hopper); not with model.quantize."""
 
 
 @dataclass
@@ -133,8 +102,11 @@ class LoraArgs:
     single-block attn.to_out (the upstream default); `all-linear`: every linear layer in the blocks."""
     init: Literal["gaussian", "default"] = "gaussian"
     """PEFT init of lora_A (lora_B is always zero, so step 0 equals the base model)."""
+    type: Literal["lora", "dora", "lokr", "loha"] = "lora"
+    """The adapter: `lora`, `dora` (weight-decomposed LoRA), `lokr` (Kronecker product) or `loha` (Hadamard
+    product), all through PEFT."""
     use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA) through PEFT."""
+    """Alias of type: dora (kept for older recipes)."""
     init_from: str | None = None
     """Start from an existing LoRA file (diffusers, peft, comfyui, ai-toolkit or kohya layout; `train --init-lora F`):
     its rank must equal lora.rank and its modules must lie within lora.targets; the other adapted modules start at zero."""
@@ -248,8 +220,9 @@ class TrainingArgs:
     """Micro-batches per optimizer step."""
     lr: float = 1e-4
     """Peak learning rate."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """`adamw8bit` needs bitsandbytes (pip install 'flux2-lora[bitsandbytes]')."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    """`adamw8bit` needs bitsandbytes (pip install 'flux2-lora[bitsandbytes]'); `prodigy` (pip install
+    'flux2-lora[prodigy]') sets its own step size: use lr 1.0; `adafactor` is transformers' (factored second moments)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -266,12 +239,18 @@ class TrainingArgs:
     """Seeds weights init, data order, noise and sigmas."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast; `auto` follows model.dtype on a GPU and is `no` on the CPU."""
-    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
-    """How sigma is drawn per sample."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "sigmoid"] = "uniform"
+    """How sigma is drawn per sample (`sigmoid`: sigmoid of N(logit_mean, logit_std), the same density as logit_normal
+    under the name other trainers use)."""
+    timestep_shift: Literal["none", "auto"] | float = "none"
+    """Shift the drawn sigmas: `auto` by FLUX.2's resolution-dependent mu (the pipeline's compute_empirical_mu, per
+    bucket), a number s by sigma' = s*sigma / (1 + (s - 1)*sigma)."""
+    ema_decay: float = 0.0
+    """EMA of the LoRA weights (fp32), saved as lora_ema.safetensors; 0 = off, e.g. 0.999."""
     logit_mean: float = 0.0
-    """Mean for logit_normal sampling."""
+    """Mean for logit_normal and sigmoid sampling."""
     logit_std: float = 1.0
-    """Std for logit_normal sampling."""
+    """Std for logit_normal and sigmoid sampling (other trainers' sigmoid_scale)."""
     mode_scale: float = 1.29
     """Scale for mode sampling."""
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
@@ -311,6 +290,8 @@ class ValidationArgs:
     """open_clip weights as a local .safetensors file; None looks for open_clip safetensors weights in the hub cache."""
     overfit_threshold: float = 0.95
     """CLIP similarity to the nearest training image at or above which a sample counts as memorised."""
+    use_ema: bool = False
+    """Render the samples and compute the validation loss with the EMA weights (needs training.ema_decay)."""
 
     def prompt_texts(self) -> list[str]:
         """The sample prompts' texts, in order (what the text encoder embeds)."""
@@ -406,37 +387,6 @@ def _require(cond: bool, field_name: str, message: str) -> None:
 GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
 
 
-def check_groups(values: dict[str, Any], where: str = "") -> None:
-    """Every recipe group (`model`, `training`, ...) in `values` is a mapping of its fields (or empty).
-
-    A group given as a list or a number would otherwise be dropped or kept as a bare value, and the run would
-    train on the defaults without a word."""
-    for name, value in values.items():
-        if name in GROUPS and value is not None and not isinstance(value, dict) and not dataclasses.is_dataclass(value):
-            raise RecipeError(
-                f"{name}: must be a mapping of {name}.* fields (e.g. `{name}:` then indented `key: value` lines), "
-                f"got {value!r}{where}"
-            )
-
-
-def check_recipe_file(path: Path) -> None:
-    """A recipe YAML (`--config`/`--preset`) is readable, a mapping, has no key twice and every group is a mapping."""
-    try:
-        data = load_yaml(path.read_text(), str(path))
-    except OSError as e:
-        raise RecipeError(f"--config: {path} cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"--config: {path} is not a text file") from None
-    except ValueError as e:
-        raise RecipeError(f"--config: {e}") from None
-    if data is None:
-        return
-    if not isinstance(data, dict):
-        raise RecipeError(f"--config: {path} must be a mapping of recipe groups (model:, data:, training:, ...)")
-    check_groups(data, f" in {path}")
-    check_prompt_entries(data, f" in {path}")
-
-
 def _nonfinite(obj: Any, prefix: str) -> tuple[str, float] | None:
     """The first float field (or list item) of a dataclass tree that is NaN or infinite, with its value."""
     for f in dataclasses.fields(obj):
@@ -523,6 +473,11 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         f"got {lo.alpha}",
     )
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _require(
+        not (lo.use_dora and lo.type not in ("lora", "dora")),
+        "lora.use_dora",
+        f"is the old name of lora.type: dora, but lora.type is {lo.type}; keep one of them",
+    )
     if lo.init_from is not None:
         _require(user_path(lo.init_from, "lora.init_from").exists(), "lora.init_from", f"{lo.init_from} does not exist")
         _require(not lo.use_dora, "lora.init_from", "cannot seed a DoRA adapter (set lora.use_dora false)")
@@ -547,6 +502,21 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     _require(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
     _require(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.logit_std > 0, "training.logit_std", f"must be > 0, got {t.logit_std}")
+    _require(
+        0.0 <= t.ema_decay < 1.0, "training.ema_decay", f"must be in [0, 1) (0 = off, e.g. 0.999), got {t.ema_decay}"
+    )
+    _require(not v.use_ema or t.ema_decay > 0, "validation.use_ema", "needs training.ema_decay > 0 (e.g. 0.999)")
+    shift = t.timestep_shift
+    _require(
+        shift in ("none", "auto") or (isinstance(shift, (int, float)) and 0 < shift <= 100),
+        "training.timestep_shift",
+        f"must be none, auto or a shift in (0, 100] (1 = no shift; 3 is common), got {shift!r}",
+    )
+    _require(
+        not (m.fp8_compute and m.quantize != "none"),
+        "model.fp8_compute",
+        f"cannot be combined with model.quantize: {m.quantize} (pick one: fp8 matmuls or a quantized base)",
+    )
     _require(
         len(v.sigmas) > 0 and all(0.0 < s < 1.0 for s in v.sigmas), "validation.sigmas", "must be values in (0, 1)"
     )

@@ -8,13 +8,15 @@ mistake reads the same wherever it is made.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import GROUPS, Recipe, check_recipe_file, load_yaml, validate
-from .errors import UsageError
+from .config import GROUPS, Recipe, validate
+from .errors import RecipeError, UsageError
+from .references import check_prompt_entries
 from .resources import recipes_dir
 
 # Short forms users know from other trainers -> dotted recipe fields.
@@ -31,6 +33,71 @@ SHORT_FORMS = {
     "--init-lora": "--lora.init_from",
 }
 FLAG_FORMS = {"--force-cpu-loading": ["--model.force_cpu_loading", "true"]}
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML parsed safely, refusing a key given twice in one mapping (`where`: the file, for the message).
+
+    PyYAML keeps the last of two equal keys without a word; a recipe or manifest with `lr` twice is a mistake
+    to point out, not a value to guess. Raises ValueError('<where> line N: ...')."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (list, dict, set)):
+                raise ValueError(f"{where} line {line}: a key must be a plain name, not a {type(key).__name__}")
+            if key in seen:
+                raise ValueError(f"{where} line {line}: duplicate key {key!r} (first at line {seen[key]})")
+            seen[key] = line
+        return loader.construct_mapping(node)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a recipe or manifest") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{where}{at} is not valid YAML ({first})") from None
+
+
+def check_groups(values: dict[str, Any], where: str = "") -> None:
+    """Every recipe group (`model`, `training`, ...) in `values` is a mapping of its fields (or empty).
+
+    A group given as a list or a number would otherwise be dropped or kept as a bare value, and the run would
+    train on the defaults without a word."""
+    for name, value in values.items():
+        if name in GROUPS and value is not None and not isinstance(value, dict) and not dataclasses.is_dataclass(value):
+            raise RecipeError(
+                f"{name}: must be a mapping of {name}.* fields (e.g. `{name}:` then indented `key: value` lines), "
+                f"got {value!r}{where}"
+            )
+
+
+def check_recipe_file(path: Path) -> None:
+    """A recipe YAML (`--config`/`--preset`) is readable, a mapping, has no key twice and every group is a mapping."""
+    try:
+        data = load_yaml(path.read_text(), str(path))
+    except OSError as e:
+        raise RecipeError(f"--config: {path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"--config: {path} is not a text file") from None
+    except ValueError as e:
+        raise RecipeError(f"--config: {e}") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise RecipeError(f"--config: {path} must be a mapping of recipe groups (model:, data:, training:, ...)")
+    check_groups(data, f" in {path}")
+    check_prompt_entries(data, f" in {path}")
 
 
 def presets() -> list[str]:
@@ -164,7 +231,10 @@ def condense(err: BaseException) -> str:
     cls = re.search(r"Expected a <class '(\w+)'>", text)
     if m:
         value = got.group(1).strip() if got else ""
-        if lit:
+        if lit and cls and cls.group(1) in ("float", "int"):  # a Union such as Literal["none", "auto"] | float
+            number = "a finite number" if cls.group(1) == "float" else "an integer"
+            reason = "must be one of " + lit.group(1).replace("'", "") + " or " + number
+        elif lit:
             reason = "must be one of " + lit.group(1).replace("'", "")
         elif cls and cls.group(1) in ("float", "int") and value.lower().lstrip("+-.") in ("nan", "inf", "infinity"):
             reason = "must be a finite number"
