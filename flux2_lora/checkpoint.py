@@ -5,6 +5,8 @@ A checkpoint folder `checkpoints/step-N/` holds:
   trainable.safetensors  every trainable tensor by parameter name (exact restore)
   optimizer.safetensors  optimizer state tensors; optimizer.json the rest of its state
   state.json             step, scheduler, callbacks, data position; rng.safetensors the RNG states
+  lora_ema.safetensors   with training.ema_decay: the EMA of the LoRA, like lora.safetensors; ema.safetensors its
+                         exact fp32 tensors by parameter name (what a resume reads; ema.py)
 It is written into `.tmp-step-N`, fsynced, renamed, and only then is `latest` (a one-line file)
 replaced atomically, so a kill at any moment leaves the previous checkpoint intact. A write that fails (a full disk,
 a read-only folder) removes its temporary folder and raises a CheckpointError naming the file and the OS reason.
@@ -33,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .distributed import global_shape, load_optimizer, load_trainable
+from .ema import EMA_STATE_FILE
 from .errors import CheckpointError
 from .resources import LORA_FILE, METADATA_PREFIX
 
@@ -124,8 +127,10 @@ def save_lora(
 ) -> Path:
     """Write `path` (a .safetensors file) with `pipeline_cls.save_lora_weights`, plus our metadata.
 
-    Keys are `transformer.<module>.lora_A/B.weight`; the header carries diffusers' adapter metadata
-    and `flux2_lora.*` fields (base model, trigger, rank, alpha, targets, steps).
+    Keys are `transformer.<module>.lora_A/B.weight` (LoKr: `.lokr_w1`, `.lokr_w2` or `.lokr_w2_a/_b`; LoHa:
+    `.hada_w1_a/_b`, `.hada_w2_a/_b`, PEFT's names, which diffusers (LoKr) and ComfyUI (both) read); the header
+    carries diffusers' adapter metadata (the PEFT config) and `flux2_lora.*` fields (base model, trigger, type,
+    rank, alpha, targets, steps).
 
     The scale alpha/rank is multiplied into each lora_B and the file says alpha = rank (scale 1), so every reader
     applies the same update, also those that ignore the header's alpha (ComfyUI's loader applies scale 1 to a
@@ -133,13 +138,21 @@ def save_lora(
     folded in.
     """
     layers = lora_state_dict(transformer, state_dict)
-    scale = float(lora_config.get("lora_alpha") or lora_config["r"]) / float(lora_config["r"])
+    # LoRA/DoRA: the scale goes into lora_B; LoKr/LoHa (PEFT's LoKrConfig/LoHaConfig, `alpha`): into the first factor,
+    # lokr_w1 (or lokr_w1_a) / hada_w1_a, one per module; ComfyUI applies scale 1 to such factors without `.alpha`.
+    lycoris = lora_config.get("peft_type") in ("LOKR", "LOHA")
+    alpha_key, into = ("alpha", (".lokr_w1", ".lokr_w1_a", ".hada_w1_a")) if lycoris else ("lora_alpha", None)
+    scale = float(lora_config.get(alpha_key) or lora_config["r"]) / float(lora_config["r"])
     if lora_config.get("rank_pattern") or lora_config.get("alpha_pattern") or lora_config.get("use_rslora"):
         raise CheckpointError(f"{path}: per-module ranks or alphas (rank_pattern/alpha_pattern, rsLoRA) are not saved")
     if scale != 1.0:
-        layers = {k: (v * scale if ".lora_B." in k else v) for k, v in layers.items()}
-    lora_config = {**lora_config, "lora_alpha": lora_config["r"]}
-    metadata = {**metadata, "scale_in_B": scale}
+        layers = {k: (v * scale if (k.endswith(into) if into else ".lora_B." in k) else v) for k, v in layers.items()}
+    # Dropout is for training only: diffusers 0.42 leaves the adapter layers it injects in train mode, so a header
+    # dropout would drop at inference (a different image every call).
+    dropouts = ("lora_dropout", "rank_dropout", "module_dropout")
+    no_dropout: dict[str, float] = {k: 0.0 for k in dropouts if k in lora_config}
+    lora_config = {**lora_config, alpha_key: lora_config["r"], **no_dropout}
+    metadata = {**metadata, ("scale_in_w1" if lycoris else "scale_in_B"): scale}
     if dtype is not None:
         layers = {k: v.to(dtype) for k, v in layers.items()}
     check_finite(layers, str(path))
@@ -347,7 +360,8 @@ def check_checkpoint(path: Path, values: bool = True) -> str | None:
         if not (path / name).is_file():
             return f"{name} is missing"
     keys: dict[str, set[str]] = {}
-    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+    optional = [name for name in (EMA_STATE_FILE,) if (path / name).is_file()]  # only with training.ema_decay
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", *optional):
         try:
             with safe_open(str(path / name), framework="pt") as f:
                 keys[name] = set(f.keys())

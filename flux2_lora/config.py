@@ -8,6 +8,7 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -83,8 +84,9 @@ class ModelArgs:
     revision: str | None = None
     """Hub revision (branch, tag or commit) when name_or_path is a hub id."""
     fp8_compute: bool = False
-    """Run the frozen base's block linears as fp8 matmuls (torchao float8, dynamic scaling) under the LoRA; needs a
-    GPU of compute capability 8.9+ (Ada, Hopper); not with model.quantize."""
+    """Run the frozen base's block linears as fp8 matmuls (torchao float8, dynamic scaling) under the LoRA; the weights
+    stay at model.dtype. Needs torchao and a GPU of compute capability 8.9+ (Ada, Hopper); not with model.quantize;
+    best with model.compile (docs/training.md)."""
 
 
 @dataclass
@@ -96,20 +98,22 @@ class LoraArgs:
     alpha: float | None = None
     """LoRA alpha; None means alpha = rank (scale 1)."""
     dropout: float = 0.0
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input (lokr/loha: PEFT's rank_dropout)."""
     targets: LoraTargets = "attention"
     """`attention`: to_q/k/v/out.0 (double blocks); `attention+single`: adds to_qkv_mlp_proj and
     single-block attn.to_out (the upstream default); `all-linear`: every linear layer in the blocks."""
     init: Literal["gaussian", "default"] = "gaussian"
-    """PEFT init of lora_A (lora_B is always zero, so step 0 equals the base model)."""
+    """PEFT init of lora_A (lora_B is always zero, so step 0 equals the base model); lokr/loha use PEFT's own init."""
     type: Literal["lora", "dora", "lokr", "loha"] = "lora"
     """The adapter: `lora`, `dora` (weight-decomposed LoRA), `lokr` (Kronecker product) or `loha` (Hadamard
-    product), all through PEFT."""
+    product), all through PEFT. diffusers loads lora, dora and lokr files; loha loads in ComfyUI, through PEFT or
+    merged (docs/training.md)."""
     use_dora: bool = False
     """Alias of type: dora (kept for older recipes)."""
     init_from: str | None = None
     """Start from an existing LoRA file (diffusers, peft, comfyui, ai-toolkit or kohya layout; `train --init-lora F`):
-    its rank must equal lora.rank and its modules must lie within lora.targets; the other adapted modules start at zero."""
+    its rank must equal lora.rank and its modules must lie within lora.targets; the other adapted modules start at zero.
+    lora.type: lora only."""
 
 
 @dataclass
@@ -222,7 +226,8 @@ class TrainingArgs:
     """Peak learning rate."""
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
     """`adamw8bit` needs bitsandbytes (pip install 'flux2-lora[bitsandbytes]'); `prodigy` (pip install
-    'flux2-lora[prodigy]') sets its own step size: use lr 1.0; `adafactor` is transformers' (factored second moments)."""
+    'flux2-lora[prodigy]') sets its own step size: use lr 1.0; `adafactor` is transformers' (factored second moments)
+    at the lr given (1e-4..1e-3). prodigy and adafactor train with distributed.strategy ddp, not fsdp/zero2/zero3."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -246,7 +251,8 @@ class TrainingArgs:
     """Shift the drawn sigmas: `auto` by FLUX.2's resolution-dependent mu (the pipeline's compute_empirical_mu, per
     bucket), a number s by sigma' = s*sigma / (1 + (s - 1)*sigma)."""
     ema_decay: float = 0.0
-    """EMA of the LoRA weights (fp32), saved as lora_ema.safetensors; 0 = off, e.g. 0.999."""
+    """EMA of the LoRA weights (fp32; ema = d*ema + (1-d)*w after each update, from the starting weights, no
+    warmup), saved as lora_ema.safetensors beside lora.safetensors; 0 = off, e.g. 0.999 (docs/training.md)."""
     logit_mean: float = 0.0
     """Mean for logit_normal and sigmoid sampling."""
     logit_std: float = 1.0
@@ -480,7 +486,8 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
     )
     if lo.init_from is not None:
         _require(user_path(lo.init_from, "lora.init_from").exists(), "lora.init_from", f"{lo.init_from} does not exist")
-        _require(not lo.use_dora, "lora.init_from", "cannot seed a DoRA adapter (set lora.use_dora false)")
+        kind = "dora" if lo.use_dora else lo.type
+        _require(kind == "lora", "lora.init_from", f"seeds a plain LoRA only, not lora.type: {kind}")
     from .sources import check_data, dataset_dirs
 
     check_data(recipe, need_data)
@@ -490,6 +497,11 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         t.gradient_accumulation >= 1, "training.gradient_accumulation", f"must be >= 1, got {t.gradient_accumulation}"
     )
     _require(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    _require(
+        t.optimizer != "prodigy" or t.lr >= 0.1,
+        "training.lr",
+        f"with training.optimizer: prodigy is a multiplier of the step size Prodigy finds: use 1.0, got {t.lr:g}",
+    )
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(
         len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
@@ -569,12 +581,14 @@ def validate(recipe: Recipe, need_data: bool = True) -> None:
         "distributed.offload",
         "`all` (parameters too) needs strategy zero3; zero2 offloads the optimizer only",
     )
-    if t.optimizer == "adamw8bit":
+    needs = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigy")}  # module, extra
+    if t.optimizer in needs:
+        module, extra = needs[t.optimizer]
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module(module)
         except ImportError:
             raise RecipeError(
-                "training.optimizer: adamw8bit needs bitsandbytes; pip install 'flux2-lora[bitsandbytes]' or use adamw"
+                f"training.optimizer: {t.optimizer} needs {module}; pip install 'flux2-lora[{extra}]' or use adamw"
             ) from None
     if lg.wandb:
         try:

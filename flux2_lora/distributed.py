@@ -42,6 +42,10 @@ import torch
 from .config import Recipe, RecipeError
 
 BLOCK_CLASSES = ["Flux2TransformerBlock", "Flux2SingleTransformerBlock"]
+# Optimizers whose state spans whole parameters: Prodigy's step size d comes from sums over every parameter (on FSDP2
+# shards each process sums its own and the processes' d drift apart), Adafactor factors each matrix's second moment
+# (its row/column state is a plain tensor beside DTensor parameters: FSDP2 fails; ZeRO's flat partitions are 1-D).
+WHOLE_TENSOR_OPTIMIZERS = ("prodigy", "adafactor")
 
 
 def launched_strategy() -> str | None:
@@ -69,6 +73,11 @@ def resolve_strategy(recipe: Recipe) -> str:
         )
     else:
         strategy = asked
+    if recipe.training.optimizer in WHOLE_TENSOR_OPTIMIZERS and strategy in ("fsdp", "zero2", "zero3"):
+        raise RecipeError(
+            f"training.optimizer: {recipe.training.optimizer} cannot train with distributed.strategy {strategy} (its "
+            "state spans whole parameters, which fsdp/zero split across processes); use ddp, or optimizer adamw"
+        )
     if strategy in ("zero2", "zero3"):
         try:
             import deepspeed  # noqa: F401
@@ -221,9 +230,27 @@ def check_quantize_strategy(recipe: Recipe, strategy: str) -> None:
 
 
 def load_frozen_transformer(
-    acc: Any, strategy: str, src: Any, dtype: torch.dtype, shard_base: bool = True, **load: Any
+    acc: Any,
+    strategy: str,
+    src: Any,
+    dtype: torch.dtype,
+    shard_base: bool = True,
+    fp8_compute: bool = False,
+    **load: Any,
 ) -> Any:
-    """The frozen transformer as the strategy needs it before `place_for_prepare` and `prepare()`.
+    """The frozen transformer as the strategy needs it before `place_for_prepare` and `prepare()`; with
+    `fp8_compute` its block linears then run as fp8 matmuls (`quant.fp8_compute_blocks`, on every process, before
+    the LoRA is added, whichever way it was loaded)."""
+    model = _load_frozen(acc, strategy, src, dtype, shard_base, **load)
+    if fp8_compute:
+        from .quant import fp8_compute_blocks
+
+        fp8_compute_blocks(model, acc.device)
+    return model
+
+
+def _load_frozen(acc: Any, strategy: str, src: Any, dtype: torch.dtype, shard_base: bool, **load: Any) -> Any:
+    """The frozen transformer, loaded as the strategy needs it.
 
     Sharded loading (`shards_at_load`):
     - fsdp: the main process reads it into host memory (no device); the others build it on the meta device.

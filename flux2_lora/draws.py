@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .flow import sample_sigmas
+from .flow import sample_sigmas, shift_sigmas
 
 Refs = tuple[torch.Tensor, ...]  # one sample's reference latents (C, H_i, W_i), in order
 
@@ -70,7 +70,9 @@ def draw_batch(
         if caption_dropout > 0 and bool(torch.rand((), generator=g) < caption_dropout):
             embeds = embeds.clone() if embeds is batch["prompt_embeds"] else embeds
             embeds[j] = empty_embeds
-        sigmas.append(sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale))
+        sigma = sample_sigmas(1, t.timestep_sampling, g, t.logit_mean, t.logit_std, t.mode_scale)
+        # training.timestep_shift draws nothing; `auto` shifts by the sample's bucket: its latent grid's tokens.
+        sigmas.append(shift_sigmas(sigma, t.timestep_shift, latents.shape[-2] * latents.shape[-1]))
         noises.append(torch.randn(latents.shape[1:], generator=g))
         if all_refs:  # a flipped target trains with flipped references
             source = batch["references_flip"] if flip else all_refs

@@ -7,6 +7,8 @@ Prompts and latents are encoded exactly as diffusers' Flux2Pipeline / Flux2Klein
   image   -> VAE latent_dist.mode() -> 2x2 patchify -> batch-norm normalise -> pack (B, H*W, C)
   ids     -> text (0, 0, 0, l), image (0, h, w, 0)
   noise   -> x_t = (1 - sigma) * x0 + sigma * eps,  target = eps - x0,  transformer timestep = sigma
+  sigma   -> drawn per sample (`sample_sigmas`), optionally shifted towards noise (`shift_sigmas`: a fixed shift, or
+             FLUX.2's resolution-dependent one, the pipeline's compute_empirical_mu and the scheduler's time shift)
   loss    -> squared error, mean over channels and tokens; with a loss mask (data/masks.py) the tokens' mean
              weighted by it (`flow_loss`)
 
@@ -18,6 +20,7 @@ tokens concatenated after the noisy target tokens, without noise, with ids (10 +
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -159,13 +162,16 @@ def sample_sigmas(
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
 ) -> torch.Tensor:
-    """Sigma in (0, 1) per sample from diffusers' SD3 densities (uniform, logit_normal, mode)."""
+    """Sigma in (0, 1) per sample from diffusers' SD3 densities (uniform, logit_normal, mode).
+
+    `sigmoid` (the name musubi-tuner, ai-toolkit and SimpleTuner use) is sigmoid(N(logit_mean, logit_std)): the same
+    density as logit_normal, drawn by the same diffusers function, so the same generator gives the same sigmas."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    if scheme not in ("uniform", "logit_normal", "mode"):
+    if scheme not in ("uniform", "logit_normal", "mode", "sigmoid"):
         raise ValueError(f"training.timestep_sampling: unknown scheme {scheme!r}")
     u = compute_density_for_timestep_sampling(
-        weighting_scheme=scheme,
+        weighting_scheme="logit_normal" if scheme == "sigmoid" else scheme,
         batch_size=batch,
         logit_mean=logit_mean,
         logit_std=logit_std,
@@ -174,6 +180,31 @@ def sample_sigmas(
     )
     # Keep away from the exact ends, where x_t is pure data or pure noise.
     return u.clamp(1e-4, 1.0 - 1e-4)
+
+
+# `timestep_shift: auto` evaluates compute_empirical_mu at the FLUX.2 pipelines' default number of inference steps
+# (Flux2Pipeline and Flux2KleinPipeline both default num_inference_steps to 50): training then sees sigmas shifted as
+# the default sampling schedule is at that resolution. Above 4300 tokens (~1050 x 1050 px) mu does not depend on it.
+AUTO_SHIFT_STEPS = 50
+
+
+def auto_shift_mu(image_seq_len: int, num_steps: int = AUTO_SHIFT_STEPS) -> float:
+    """FLUX.2's resolution-dependent mu for a latent grid of `image_seq_len` tokens ((H/16) * (W/16) of the image):
+    the pipeline's own `compute_empirical_mu`, the value Flux2Pipeline passes to the scheduler at inference."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: str | float, image_seq_len: int) -> torch.Tensor:
+    """Sigmas moved towards noise by training.timestep_shift: `none` returns them unchanged (the same tensor); a number
+    s gives sigma' = s*sigma / (1 + (s - 1)*sigma) (the scheduler's static `shift`); `auto` uses s = exp(mu) with mu =
+    auto_shift_mu(image_seq_len), which is the scheduler's exponential time shift exp(mu) / (exp(mu) + 1/sigma - 1)
+    (numerator and denominator times sigma), as FlowMatchEulerDiscreteScheduler applies it for the pipeline's mu."""
+    if shift == "none":
+        return sigmas
+    s = math.exp(auto_shift_mu(image_seq_len)) if shift == "auto" else float(shift)
+    return (s * sigmas / (1.0 + (s - 1.0) * sigmas)).clamp(1e-4, 1.0 - 1e-4)
 
 
 def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:

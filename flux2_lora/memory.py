@@ -11,9 +11,17 @@ The estimate is computed, not guessed from a table:
   run flash/cuDNN attention, which keeps only the output and the log-sum-exp. The simulation routes
   attention through the flash kernel's own meta implementation, so it counts what a GPU keeps.
 - Frozen weights, LoRA parameters, gradients and optimizer state are counted from the parameters:
-  LoRA weights, their gradients and AdamW's two moments are fp32 (8-bit AdamW keeps 2 bytes a value);
+  LoRA weights, their gradients and AdamW's two moments are fp32 (8-bit AdamW keeps 2 bytes a value; the other
+  optimizers' state is counted per tensor as they keep it, see `optimizer_state_bytes`); the EMA of the LoRA
+  (training.ema_decay) is one more fp32 copy of it;
   a quantized base counts the bytes of its format (nf4 with double quantisation ~0.52 B/param, int8 and
   fp8 ~1 B/param plus scales) for the block linears it replaces, the rest stays at the model dtype.
+- fp8 compute (`model.fp8_compute`) keeps the weights at the model dtype (torchao's float8 training casts them
+  to fp8 as each matmul runs); the simulated step runs with the block linears converted exactly as training converts
+  them (`quant.convert_fp8_compute`, torch._scaled_mm's meta kernel), so the activations count what torchao keeps in
+  eager mode: each converted linear's high-precision input (saved for a weight gradient that a frozen weight does
+  not need; torch.compile prunes it, the estimate does not assume compile), the fp8 copies and scales of the
+  operands while a matmul runs and that weight-gradient GEMM's output before it is dropped. Nothing is saved in fp8.
 - Block swapping (`model.blocks_to_swap: N`) takes the frozen weights of the last N blocks off the device and
   adds back the two largest of them (the block running and the next one being copied in).
 
@@ -27,8 +35,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +96,7 @@ VAE_PARAMS = 84e6  # AutoencoderKLFlux2 at its published size, when no local cop
 # Bytes per weight of a quantized frozen linear layer (scales included).
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 4096, "fp8": 1.0 + 4 / 4096}
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}  # state bytes per trainable value (two moments)
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # training.optimizer's values
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -220,6 +230,7 @@ class Setup:
     text_tokens: int = 512
     rank: int = 16
     targets: str = "attention"
+    adapter: str = "lora"  # lora.type: LoKr and LoHa factors (PEFT's, built in the simulation) count otherwise
     dtype: str = "bf16"
     autocast: bool = True  # mixed precision on a GPU: LoRA matmuls run in the model dtype
     gradient_checkpointing: bool = True
@@ -230,9 +241,13 @@ class Setup:
     text_encoder_quantize: str = "none"  # cache stage only
     shards: int = 1  # GPUs that fully shard parameters, gradients and optimizer state (fsdp, zero3)
     reference_tokens: int = 0  # editing: the reference tokens of the largest sample, after the target's
+    ema: bool = False  # training.ema_decay > 0: an fp32 EMA of the LoRA beside it (sharded like it)
+    fp8_compute: bool = False  # model.fp8_compute: block linears as torchao Float8Linear (activations, not weights)
 
     @classmethod
     def from_recipe(cls, recipe: Any, on_gpu: bool = True) -> Setup:
+        from .model import adapter_kind
+
         m, t = recipe.model, recipe.training
         return cls(
             resolution=largest_resolution(recipe.data),
@@ -240,6 +255,7 @@ class Setup:
             text_tokens=m.max_sequence_length,
             rank=recipe.lora.rank,
             targets=recipe.lora.targets,
+            adapter=adapter_kind(recipe.lora),
             dtype=m.dtype,
             autocast=on_gpu and t.mixed_precision != "no" and m.dtype != "fp32",
             gradient_checkpointing=m.gradient_checkpointing,
@@ -248,6 +264,8 @@ class Setup:
             quantize=getattr(m, "quantize", "none"),
             blocks_to_swap=getattr(m, "blocks_to_swap", 0),
             text_encoder_quantize=getattr(m, "text_encoder_quantize", "none"),
+            ema=t.ema_decay > 0,
+            fp8_compute=getattr(m, "fp8_compute", False),
         )
 
 
@@ -340,7 +358,7 @@ _SIMULATED: dict[str, tuple[float, dict[str, float], int, list[tuple[float, floa
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """The memory plan for training `shape` with `setup` on one process (see the module docstring)."""
     # The simulation depends on neither the optimizer nor the quantization; plans that vary only those reuse it.
-    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0, "text_encoder_quantize": "", "shards": 1}
+    unused = {"optimizer": "", "quantize": "", "blocks_to_swap": 0, "text_encoder_quantize": "", "shards": 1, "ema": 0}
     key = json.dumps([shape.transformer, dataclasses.asdict(setup) | unused], default=str)
     if key not in _SIMULATED:
         _SIMULATED[key] = _simulate(shape, setup)
@@ -372,12 +390,16 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     est.parts[f"frozen transformer weights ({label})"] = weights
     est.parts["LoRA parameters (fp32)"] = n_lora * 4 / shards
     est.parts["LoRA gradients (fp32)"] = n_lora * 4 / shards
-    est.parts[f"optimizer state ({setup.optimizer})"] = n_lora * OPTIMIZER_BYTES.get(setup.optimizer, 8.0) / shards
+    state = counts.get(f"{setup.optimizer} state", n_lora * OPTIMIZER_BYTES.get(setup.optimizer, 8.0))
+    est.parts[f"optimizer state ({setup.optimizer})"] = state / shards
+    if setup.ema:
+        est.parts["EMA of the LoRA (fp32)"] = n_lora * 4 / shards
     if setup.gradient_checkpointing:
         how = "checkpointing every block" if setup.checkpoint_every == 1 else f"every {setup.checkpoint_every}th"
     else:
         how = "no checkpointing"
-    est.parts[f"activations ({how}, {setup.resolution}px, batch {setup.batch_size})"] = activations
+    fp8 = ", fp8 matmuls" if setup.fp8_compute else ""
+    est.parts[f"activations ({how}, {setup.resolution}px, batch {setup.batch_size}{fp8})"] = activations
     if setup.quantize != "none":
         est.parts["dequantized weight of the largest layer"] = largest * dtype_bytes
     est.reserve = 0.5 * GiB + 0.05 * est.total
@@ -395,6 +417,25 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     return est
 
 
+def optimizer_state_bytes(optimizer: str, params: Iterable[tuple[str, tuple[int, ...]]]) -> float:
+    """Bytes of `optimizer`'s state for fp32 trainable tensors given as (name, shape), as each optimizer keeps it.
+
+    adamw: exp_avg and exp_avg_sq, 8 B a value; adamw8bit: the two moments in 8 bits, 2 B. prodigy (prodigyopt):
+    exp_avg, exp_avg_sq, s and p0 (the starting values), 16 B, where p0 is one value for a tensor that starts at
+    zero (PEFT's lora_B): 12 B. adafactor (transformers', no first moment): a matrix keeps the row and column means
+    of its squared gradient, 4 B x (rows + cols); a vector (DoRA's magnitude) its whole second moment, 4 B a value."""
+    total = 0.0
+    for name, shape in params:
+        n = math.prod(shape)
+        if optimizer == "prodigy":
+            total += 12 * n + (4 if "lora_B." in name else 4 * n)
+        elif optimizer == "adafactor":
+            total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else n)
+        else:
+            total += OPTIMIZER_BYTES.get(optimizer, 8.0) * n
+    return total
+
+
 def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float], int, list[tuple[float, float]]]:
     """(activation bytes, parameter counts, largest quantizable weight, per block in run order its frozen
     (not quantizable, quantizable) counts) from one simulated step on meta tensors."""
@@ -403,7 +444,11 @@ def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float],
     dtype_bytes = DTYPE_BYTES[setup.dtype]
     # Simulate in the dtype the matmuls run in: with autocast the LoRA branch computes in the model dtype.
     model = build_meta_transformer(shape.transformer, {2: torch.bfloat16, 4: torch.float32}[dtype_bytes])
-    add_lora(model, setup.rank, setup.rank, 0.0, setup.targets, "gaussian", False)
+    if setup.fp8_compute:  # as training converts them: before the LoRA, which PEFT then wraps around them
+        from .quant import convert_fp8_compute
+
+        convert_fp8_compute(model)
+    add_lora(model, setup.rank, setup.rank, 0.0, setup.targets, "gaussian", setup.adapter)
     lora = [p for p in model.parameters() if p.requires_grad]
     if setup.autocast:
         for p in lora:
@@ -422,6 +467,8 @@ def _simulate(shape: ModelShape, setup: Setup) -> tuple[float, dict[str, float],
         "lora": float(sum(p.numel() for p in lora)),
         "quantizable": float(sum(p.numel() for n, p in frozen if n in quantizable)),
     }
+    named = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    counts |= {f"{o} state": optimizer_state_bytes(o, named) for o in OPTIMIZERS}  # bytes, per optimizer
     largest = max((p.numel() for n, p in frozen if n in quantizable), default=0)
     per_block: list[tuple[float, float]] = []
     for prefix, n_blocks in (("transformer_blocks.", model.config.num_layers),

@@ -273,21 +273,54 @@ def free(*modules: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def add_lora(
-    transformer: Any, rank: int, alpha: float | None, dropout: float, targets: str, init: str, use_dora: bool
-) -> dict[str, Any]:
-    """Inject a PEFT LoRA adapter; LoRA weights are kept in fp32. Returns the adapter's LoraConfig as a dict."""
-    from peft import LoraConfig
+ADAPTER_KINDS = ("lora", "dora", "lokr", "loha")
 
+
+def adapter_kind(lora: Any) -> str:
+    """The adapter a recipe's `lora` group trains: lora.type, with the older lora.use_dora meaning `dora`."""
+    return "dora" if getattr(lora, "use_dora", False) else str(lora.type)
+
+
+def add_adapter(transformer: Any, lora: Any) -> dict[str, Any]:
+    """add_lora with a recipe's `lora` group (config.LoraArgs)."""
+    return add_lora(transformer, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.init, adapter_kind(lora))
+
+
+def add_lora(
+    transformer: Any,
+    rank: int,
+    alpha: float | None,
+    dropout: float,
+    targets: str,
+    init: str,
+    kind: bool | str = "lora",
+) -> dict[str, Any]:
+    """Inject a PEFT adapter; its weights are kept in fp32. Returns the adapter's PEFT config as a dict.
+
+    `kind`: `lora`, `dora` (LoraConfig(use_dora=True)), `lokr` (LoKrConfig) or `loha` (LoHaConfig); True/False
+    are the older use_dora flag. For LoKr and LoHa, `dropout` is PEFT's rank_dropout and `init` does not apply:
+    PEFT's own init makes the update zero at step 0 (LoKr: w1 = 0; LoHa: w2_b = 0)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if isinstance(kind, bool):
+        kind = "dora" if kind else "lora"
+    if kind not in ADAPTER_KINDS:
+        raise RecipeError(f"lora.type: must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}")
     target_modules = lora_target_modules(targets, transformer.config.num_single_layers)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,  # type: ignore[arg-type]  # PEFT accepts floats
-        lora_dropout=dropout,
-        init_lora_weights="gaussian" if init == "gaussian" else True,
-        target_modules=target_modules,
-        use_dora=use_dora,
-    )
+    a = alpha if alpha is not None else rank
+    config: Any
+    if kind in ("lokr", "loha"):
+        cls = LoKrConfig if kind == "lokr" else LoHaConfig
+        config = cls(r=rank, alpha=a, rank_dropout=dropout, init_weights=True, target_modules=target_modules)  # type: ignore[arg-type]
+    else:
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=a,  # type: ignore[arg-type]  # PEFT accepts floats
+            lora_dropout=dropout,
+            init_lora_weights="gaussian" if init == "gaussian" else True,
+            target_modules=target_modules,
+            use_dora=kind == "dora",
+        )
     transformer.add_adapter(config)
     for p in transformer.parameters():
         if p.requires_grad:

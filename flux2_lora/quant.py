@@ -11,6 +11,18 @@ each block is moved to the device and quantized there, so the device never holds
 dtype. nf4 goes through diffusers' `BitsAndBytesConfig`, which quantizes each weight as it is loaded onto the GPU.
 Only int8 runs on the CPU; nf4 and fp8 are written for GPUs and have not run on one in this repository yet.
 
+fp8 compute (`model.fp8_compute`) is not a storage format: the block linears (the same `is_quantizable` rule) become
+torchao's `Float8Linear` (`convert_to_float8_training`, dynamic tensorwise scaling: input and weight cast to e4m3,
+the output gradient to e5m2, each with a scale from its absolute maximum at every call), before PEFT adds the LoRA.
+PEFT wraps a `Float8Linear` like any `nn.Linear` (it is one), so the adapter's lora_A / lora_B stay plain linears in
+fp32 (the model dtype under autocast) and the saved LoRA has the same keys. The weights stay bf16 in memory; each
+matmul casts its operands to fp8 as it runs. What torchao's float8 training does with a frozen weight, read from its
+source (0.18): in eager mode the backward still computes the weight-gradient GEMM (then dropped) and the forward keeps
+each converted linear's high-precision input for it; under `model.compile` AOTAutograd prunes both (checked on the
+CPU: two GEMMs left in the compiled backward of two frozen Float8Linears, no saved input). The CPU cannot run fp8
+matmuls; the tests use torchao's emulation (`Float8LinearConfig(emulate=True)`) through the private switch
+FP8_EMULATE_ENV, which is not a recipe field.
+
 The cache stage's text encoder (`model.text_encoder_quantize`) is quantized by transformers while it loads
 (`text_encoder_quant_config`): every linear layer but the output head, int8 through torchao (CPU or GPU) or nf4
 through bitsandbytes (GPU), each weight quantized as it is read, so no full-precision copy is ever on the device.
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -74,6 +87,81 @@ def check_quantize(kind: str, device: torch.device, field: str = "model.quantize
                 f"{field}: fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}; "
                 f"use {field}: int8 or nf4"
             )
+
+
+# Test-only (not a recipe field): "1" runs model.fp8_compute with torchao's emulated fp8 matmuls (operands rounded to
+# fp8 and back, matmul in high precision), on any device: the fp8 numerics on the CPU, never faster.
+FP8_EMULATE_ENV = "FLUX2_LORA_FP8_EMULATE"
+
+
+def fp8_emulated() -> bool:
+    return os.environ.get(FP8_EMULATE_ENV) == "1"
+
+
+def check_fp8_compute(enabled: bool, device: torch.device) -> None:
+    """Raise QuantizationError (one line) when model.fp8_compute is on and cannot run on `device`."""
+    if not enabled:
+        return
+    _fp8_needs_torchao()
+    if fp8_emulated():
+        return
+    if device.type != "cuda":
+        raise QuantizationError(
+            f"model.fp8_compute: fp8 matmuls need a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, "
+            f"Blackwell); this run is on the {device.type}: set model.fp8_compute: false"
+        )
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise QuantizationError(
+            f"model.fp8_compute: fp8 matmuls need compute capability >= 8.9 (Ada, Hopper, Blackwell), this GPU "
+            f"({torch.cuda.get_device_name(device)}) has {cap[0]}.{cap[1]}: set model.fp8_compute: false"
+        )
+
+
+def _fp8_needs_torchao() -> None:
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError("model.fp8_compute: needs torchao: pip install 'flux2-lora[quant]'")
+
+
+def runs_in_fp8(module: torch.nn.Module, name: str) -> bool:
+    """model.fp8_compute's rule: a plain block linear (`is_quantizable`) whose sizes are multiples of 16, as
+    torch._scaled_mm needs (every block linear of FLUX.2-dev and klein is); PEFT's layers and the rest stay."""
+    return (
+        type(module) is torch.nn.Linear
+        and is_quantizable(name, module)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def convert_fp8_compute(transformer: Any, emulate: bool = False) -> int:
+    """The block linears become torchao Float8Linear (fp8 matmuls, dynamic tensorwise scaling); returns how many.
+
+    Call it before the LoRA is added (PEFT then wraps each Float8Linear as its base layer). The weights are not
+    touched: the same bf16 tensors, on whatever device (the meta device too). `emulate`: torchao's emulated
+    matmuls, for the CPU tests (FP8_EMULATE_ENV)."""
+    _fp8_needs_torchao()
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig(emulate=emulate)  # the tensorwise recipe: e4m3 input/weight, e5m2 gradients
+    convert_to_float8_training(transformer, module_filter_fn=runs_in_fp8, config=config)
+    return fp8_linear_count(transformer)
+
+
+def fp8_linear_count(transformer: Any) -> int:
+    """How many linears run as fp8 matmuls (torchao Float8Linear)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    return sum(isinstance(m, Float8Linear) for m in transformer.modules())
+
+
+def fp8_compute_blocks(transformer: Any, device: torch.device) -> int:
+    """model.fp8_compute on the loaded frozen base that will train on `device`: checked, then converted (with
+    torchao's emulation where FP8_EMULATE_ENV asks for it). Returns how many linears run in fp8."""
+    check_fp8_compute(True, device)
+    n = convert_fp8_compute(transformer, emulate=fp8_emulated())
+    log.info("fp8 compute: %d block linears run as fp8 matmuls%s", n, " (emulated)" if fp8_emulated() else "")
+    return n
 
 
 def blocks(transformer: Any) -> list[torch.nn.Module]:

@@ -16,6 +16,7 @@ from pathlib import Path
 _PACKAGE = Path(__file__).resolve().parent
 
 LORA_FILE = "lora.safetensors"  # a run's (and a checkpoint's) LoRA, in diffusers format
+LORA_EMA_FILE = "lora_ema.safetensors"  # beside it with training.ema_decay: the EMA of its weights, same format
 METADATA_PREFIX = "flux2_lora."  # our keys in a LoRA file's safetensors header
 
 

@@ -17,6 +17,8 @@ from typing import Any
 from .memory import Estimate, GiB, ModelShape, Setup, estimate, human_bytes, human_count, model_shape
 from .resources import recipes_dir
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}  # lora.type as the plan names it
+
 # (name, GiB that torch reports as total memory)
 COMMON_GPUS = [("24 GB (RTX 4090)", 23.6), ("32 GB (RTX 5090)", 31.4), ("48 GB (L40S, A6000)", 44.4),
                ("80 GB (A100, H100)", 79.1), ("141 GB (H200)", 139.8)]  # fmt: skip
@@ -45,12 +47,18 @@ def recommendations(shape: ModelShape, setup: Setup, gpu_gib: float) -> list[tup
     if s.optimizer == "adamw":
         s = dataclasses.replace(s, optimizer="adamw8bit")
         steps.append(("training.optimizer: adamw8bit (bitsandbytes)", s))
+    if s.ema:
+        s = dataclasses.replace(s, ema=False)
+        steps.append(("training.ema_decay: 0 (no fp32 EMA copy of the LoRA)", s))
     if s.rank > 32:
         s = dataclasses.replace(s, rank=32)
         steps.append(("lora.rank: 32 (the LoRA, its gradients and AdamW state shrink with the rank)", s))
     if s.batch_size > 1:
         s = dataclasses.replace(s, batch_size=1)
         steps.append((f"training.batch_size: 1 with training.gradient_accumulation: {setup.batch_size}", s))
+    if s.fp8_compute:  # torchao keeps each fp8 linear's input (memory.py); and a quantized base excludes it
+        s = dataclasses.replace(s, fp8_compute=False)
+        steps.append(("model.fp8_compute: false (bf16 matmuls: slower on Ada/Hopper, fewer saved activations)", s))
     # Then the frozen base: int8 weights (torchao; fp8 on Ada/Hopper is the same size), then swapping blocks
     # to host memory (costs time, not accuracy), the fewest that fit; the resolution last.
     if s.quantize == "none":
@@ -149,7 +157,8 @@ def report(recipe: Any, gpu_gib: float | None) -> str:
     table.insert(row + 1, f"    (checkpointing every block: {human_bytes(on)}; no checkpointing: {human_bytes(off)})")
     lines = [
         f"model {shape.name} (FLUX.2 {shape.family}): {human_count(est.params['frozen'])} transformer parameters, "
-        f"LoRA rank {setup.rank} on {setup.targets}: {human_count(est.params['lora'])} trainable",
+        f"{ADAPTER_NAMES.get(setup.adapter, 'LoRA')} rank {setup.rank} on {setup.targets}: "
+        f"{human_count(est.params['lora'])} trainable",
         f"one training process, {setup.resolution}px, batch {setup.batch_size}, {setup.text_tokens} text tokens, "
         + (f"{refs[0]} reference tokens ({refs[1]}), " if refs[0] else "")
         + f"{setup.dtype} weights (text encoder and VAE sizes: {shape.counted}):",
@@ -208,6 +217,7 @@ CORE_LIBRARIES = ["diffusers", "transformers", "accelerate", "peft", "safetensor
 # the installed metadata: nothing here is imported (deepspeed or ray would take seconds and print warnings).
 OPTIONAL_LIBRARIES = [
     ("bitsandbytes", "bitsandbytes", "bitsandbytes", "training.optimizer: adamw8bit; model.quantize: nf4 (GPU)"),
+    ("prodigyopt", "prodigyopt", "prodigy", "training.optimizer: prodigy"),
     ("torchao", "torchao", "quant", "model.quantize: int8 (CPU or GPU) and fp8 (GPU, compute capability >= 8.9)"),
     ("deepspeed", "deepspeed", "deepspeed", "distributed.strategy: zero2 | zero3"),
     ("webdataset", "webdataset", "", "shards and the latent cache: data shard, data cache, training"),

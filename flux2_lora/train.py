@@ -3,8 +3,8 @@
 The step is `Trainer._fit()`: each pass of its `while` loop takes one micro-batch, draws its noise, sigmas, flips,
 caption dropout and references (`draws.draw_batch`), runs the flow-matching loss (`_flow_loss`: position ids from
 `_position_ids`, one forward per reference layout), backward and, once per optimizer step, clips and steps
-(`_step_unless`: the update is skipped on a NaN/inf), then logs, validates (`validation_loss`,
-`validate_and_sample`) and checkpoints. `setup()` above it builds everything the
+(`_step_unless`: the update is skipped on a NaN/inf) and moves the EMA of the LoRA (training.ema_decay), then logs,
+validates (`validation_loss`, `validate_and_sample`) and checkpoints. `setup()` above it builds everything the
 loop reads (model, LoRA, optimizer, data plan, callbacks); `run()` at the bottom is setup + fit.
 
 Everything random in the loop comes from the seed: the data order from (seed, epoch), and each sample's caption
@@ -15,6 +15,8 @@ What is not the loop lives elsewhere (none of these modules imports this one):
   - `draws.py`             every random draw of a sample (flip, caption dropout, sigma, noise, references);
   - `distributed.py`       the multi-process strategy (DDP, FSDP2, DeepSpeed ZeRO-2/3), applied in one place
                            (`make_accelerator`), and the sharded-state helpers;
+  - `ema.py`               the EMA of the LoRA's weights (`LoraEMA`: update, gather, swap in for validation);
+  - `train_validation.py`  the validation loss and the sample images of each validation (with the EMA: use_ema);
   - `optim.py`             the optimizer and lr schedule (`make_optimizer`, `skips_on_device`, `make_lr_scheduler`);
   - `train_checkpoint.py`  what a checkpoint holds and how a resume is checked and restored (`save_checkpoint`,
                            `export_lora`, `check_resume`, `check_state`, `restore`, `TrainState`, `DATA_ORDER`);
@@ -39,7 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import interop, train_checkpoint
+from . import interop, train_checkpoint, train_validation
 from .callbacks import EarlyStopping, NanGuard, SignalStop, StopVote, TrainingError, WallClock
 from .config import Recipe, validate
 from .data.cache import prompt_embeddings
@@ -68,13 +70,15 @@ from .distributed import (
     whole,
 )
 from .draws import Refs, draw_batch
+from .ema import LoraEMA
 from .evaluate.callback import TrainingQuality
 from .flow import base_target, flow_loss, latent_ids, pack_references, reference_ids, text_ids
 from .model import (
     DTYPES,
     ModelError,
     ModelSource,
-    add_lora,
+    adapter_kind,
+    add_adapter,
     compile_blocks,
     count_parameters,
     enable_checkpointing,
@@ -84,9 +88,8 @@ from .model import (
 )
 from .optim import make_lr_scheduler, make_optimizer, skips_on_device
 from .plots import loss_plot, progress_sheet
-from .quant import check_quantize
-from .run_files import init_trackers, lock_output, log_images, log_metrics, prepare_output, role_metrics, storage_error
-from .sampling import render_samples
+from .quant import check_fp8_compute, check_quantize
+from .run_files import init_trackers, lock_output, log_metrics, prepare_output, role_metrics, storage_error
 from .swap import BlockSwapper, attach_block_swap
 from .train_checkpoint import TrainState
 
@@ -136,8 +139,9 @@ class Trainer:
             prepare_output(self.out, r, self.resume)
         acc.wait_for_everyone()
         self.src: ModelSource = resolve_model(r.model)
-        # A quantization or block swap that cannot run here stops now, before the cache stage.
+        # A quantization, fp8 compute or block swap that cannot run here stops now, before the cache stage.
         check_quantize(r.model.quantize, self.device)
+        check_fp8_compute(r.model.fp8_compute, self.device)
         check_quantize_strategy(r, self.strategy)
         self.signals.stage = "the resume check"
         self._resume_path: Path | None = train_checkpoint.check_resume(self)
@@ -187,6 +191,7 @@ class Trainer:
                 self.src,
                 DTYPES[r.model.dtype],
                 shard_base=r.distributed.shard_base,
+                fp8_compute=r.model.fp8_compute,
                 device=None if host else self.device,
                 quantize=r.model.quantize,
                 keep_on_host=r.model.blocks_to_swap,
@@ -194,9 +199,7 @@ class Trainer:
         # The LoRA's initial weights come from the seed alone, whatever the cache stage did with the global RNG
         # (building a cache and reusing one must give the same run).
         torch.manual_seed(r.training.seed)
-        self.lora_config = add_lora(
-            self.transformer, r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.targets, r.lora.init, r.lora.use_dora
-        )
+        self.lora_config = add_adapter(self.transformer, r.lora)  # lora.type: lora, dora, lokr or loha (PEFT)
         if init is not None:  # start from the LoRA's weights (its update exactly, at the recipe's alpha)
             self._print(interop.apply_init_lora(self.transformer, init, lo.rank, lo.alpha, lo.targets))
         if r.model.gradient_checkpointing:
@@ -205,7 +208,7 @@ class Trainer:
             compile_blocks(self.transformer)
         trainable, total = count_parameters(self.transformer)
         self._print(
-            f"lora  rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
+            f"lora  {adapter_kind(r.lora)} rank {r.lora.rank}, alpha {r.lora.alpha or r.lora.rank}, targets {r.lora.targets}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
         )
         self.swapper: BlockSwapper | None = None
@@ -220,6 +223,10 @@ class Trainer:
         placement = [False, True] if self.swapper is not None else None  # accelerate must not move swapped blocks
         self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer, device_placement=placement)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen base, every step
+        # training.ema_decay: an fp32 EMA of the LoRA (of this process's shards), from the weights training starts at.
+        self.ema = LoraEMA(acc.unwrap_model(self.model), r.training.ema_decay) if r.training.ema_decay else None
+        if self.ema is not None:
+            self._print(self.ema.describe(r.training.max_steps))
         self._sharded = self.strategy in ("fsdp", "zero3")  # every process takes part in every forward
         self._base_forward = r.data.prior_target == "base" and self.data.has_regularisation
         if acc.num_processes > 1:
@@ -399,6 +406,8 @@ class Trainer:
             loss_count = loss_count + good
             step_loss.zero_()
             self._bad.append(bad)
+            if self.ema is not None:  # moves by 0 where the update was skipped (`bad`, read on the device)
+                self.ema.update(bad)
             logging_now = step % r.logging.log_every == 0 or step == t.max_steps
             checkpoint_now = bool(r.output.checkpoint_every) and step % r.output.checkpoint_every == 0
             if logging_now or checkpoint_now:
@@ -565,47 +574,12 @@ class Trainer:
             self._ids[key] = (img, text_ids(b, embeds.shape[1], self.device))
         return self._ids[key]
 
-    # ---------------------------------------------------------------------------------- validation
-    @torch.no_grad()
+    # ---------------------------------------------------------------------- validation (train_validation.py)
     def validation_loss(self) -> float:
-        """Mean loss over held-out items at fixed sigmas with fixed noise: comparable across steps and runs."""
-        v = self.recipe.validation
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        total, n = 0.0, 0
-        for i, item in enumerate(self.val_samples):
-            g = torch.Generator().manual_seed(v.seed + i)
-            x0 = item["latents"].unsqueeze(0)
-            noise = torch.randn(x0.shape, generator=g)
-            embeds = item["prompt_embeds"].unsqueeze(0)
-            # An editing sample is scored with its references (the first data.max_references of them).
-            count = min(len(item.get("references", [])), self.recipe.data.max_references)
-            refs: list[Refs] = [tuple(item[f"ref.{k}"] for k in range(count))]
-            mask = item["mask"].unsqueeze(0) if "mask" in item else None  # a masked sample: its mean over the mask
-            for s in v.sigmas:
-                loss = self._flow_loss(model, x0, embeds, torch.tensor([s]), noise, refs, None, mask).mean()
-                total += float(loss)
-                n += 1
-        model.train(was_training)
-        return total / max(n, 1)
+        return train_validation.validation_loss(self)
 
     def validate_and_sample(self) -> float:
-        step = self.state.step
-        val = self.validation_loss()
-        self.state.val_history.append((step, val))
-        self._log({"step": step, "val_loss": val})
-        self._print(f"step {step}: validation loss {val:.5f}")
-        for hook in self.on_validation:
-            hook(step, val)
-        if self.recipe.validation.prompts and (self.is_main or self._sharded):
-            paths = render_samples(self, step, save=self.is_main)
-            if paths:
-                log_images(self.accelerator, paths, step)
-                if self.quality is not None:
-                    self._log({"step": step, **self.quality(paths, step)})
-        self.accelerator.wait_for_everyone()
-        return val
+        return train_validation.validate_and_sample(self)
 
     # --------------------------------------------------------------- checkpoint and export (train_checkpoint.py)
     def save_checkpoint(self) -> None:

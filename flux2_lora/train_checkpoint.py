@@ -17,7 +17,8 @@ import torch
 from . import checkpoint as ckpt
 from .callbacks import TrainingError
 from .distributed import all_finite, optimizer_state, trainable_state
-from .model import pipeline_class
+from .ema import EMA_STATE_FILE, read_state, save_state
+from .model import adapter_kind, pipeline_class
 from .run_files import drop_metrics_after
 from .sources import largest_resolution
 
@@ -41,6 +42,7 @@ def lora_metadata(trainer: Any) -> dict[str, Any]:
         "base_model": r.model.name_or_path,
         "family": trainer.src.family,
         "trigger": r.data.trigger or "",
+        "type": adapter_kind(r.lora),
         "rank": r.lora.rank,
         "alpha": r.lora.alpha if r.lora.alpha is not None else r.lora.rank,
         "targets": r.lora.targets,
@@ -61,15 +63,32 @@ def require_finite(trainer: Any) -> None:
     )
 
 
+def ema_path(path: Path) -> Path:
+    """Where the EMA's LoRA goes beside the LoRA at `path` (lora.safetensors -> lora_ema.safetensors)."""
+    return path.with_name(f"{path.stem}_ema{path.suffix}")
+
+
+def write_loras(
+    trainer: Any, model: Any, path: Path, trainable: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None
+) -> None:
+    """The LoRA at `path` and, with training.ema_decay, the EMA of its weights beside it (`ema_path`): the same
+    diffusers format, keys and alpha folding; the EMA's header adds `flux2_lora.ema_decay`."""
+    cls, meta = pipeline_class(trainer.src), lora_metadata(trainer)
+    ckpt.save_lora(path, model, cls, trainer.lora_config, meta, state_dict=trainable)
+    if ema is not None:
+        meta = {**meta, "weights": "ema", "ema_decay": trainer.ema.decay}
+        ckpt.save_lora(ema_path(path), model, cls, trainer.lora_config, meta, state_dict=ema)
+
+
 def export_lora(trainer: Any, path: Path) -> Path:
-    """The LoRA as one diffusers-format file at `path` (every process calls this; the main one writes)."""
+    """The LoRA as one diffusers-format file at `path`, with its EMA beside it where there is one (every process
+    calls this; the main one writes)."""
     require_finite(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable = trainable_state(model)  # every process: gathers sharded LoRA tensors
+    ema = trainer.ema.state() if trainer.ema is not None else None  # gathers the EMA's shards alike
     if trainer.is_main:
-        ckpt.save_lora(
-            path, model, pipeline_class(trainer.src), trainer.lora_config, lora_metadata(trainer), state_dict=trainable
-        )
+        write_loras(trainer, model, path, trainable, ema)
     trainer.accelerator.wait_for_everyone()
     return path
 
@@ -82,6 +101,7 @@ def save_checkpoint(trainer: Any) -> None:
     model = acc.unwrap_model(trainer.model)
     # Every process takes part in gathering sharded tensors; the main process writes them.
     trainable, optimizer = trainable_state(model), optimizer_state(trainer.optimizer, model)
+    ema = trainer.ema.state() if trainer.ema is not None else None
     if trainer.is_main:
         state = {
             "step": step,
@@ -106,13 +126,20 @@ def save_checkpoint(trainer: Any) -> None:
             optimizer,
             state,
             rng,
-            export_lora=lambda p: ckpt.save_lora(
-                p, model, pipeline_class(trainer.src), trainer.lora_config, lora_metadata(trainer), state_dict=trainable
-            ),
+            export_lora=lambda p: write_files(trainer, model, p, trainable, ema),
             keep_last=trainer.recipe.output.keep_last,
         )
         trainer._print(f"checkpoint saved: {path}")
     acc.wait_for_everyone()
+
+
+def write_files(
+    trainer: Any, model: Any, path: Path, trainable: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None
+) -> None:
+    """A checkpoint's LoRA files (`write_loras`) and, with an EMA, its exact fp32 tensors (ema.safetensors)."""
+    write_loras(trainer, model, path, trainable, ema)
+    if ema is not None:
+        save_state(path.parent, ema, trainer.ema.decay)
 
 
 # -------------------------------------------------------------------------------------------- resuming
@@ -146,7 +173,8 @@ def check_resume(trainer: Any) -> Path | None:
 
 
 def check_state(trainer: Any, path: Path) -> None:
-    """Refuse a checkpoint of another global batch or past training.max_steps; note one of another data order."""
+    """Refuse a checkpoint of another global batch, another optimizer or past training.max_steps; note one of another
+    data order."""
     state = ckpt.read_state(path)
     t = trainer.recipe.training
     saved = state.get("global_batch")
@@ -159,6 +187,12 @@ def check_state(trainer: Any, path: Path) -> None:
             f"(training.batch_size {t.batch_size} x {trainer.accelerator.num_processes} process(es) x "
             f"training.gradient_accumulation {t.gradient_accumulation}); choose batch size and accumulation so "
             f"that their product with the processes is {saved}"
+        )
+    optimizer = state.get("recipe", {}).get("training", {}).get("optimizer", "adamw")
+    if optimizer != t.optimizer:  # another optimizer's state would load without a word and fail at its first step
+        raise ckpt.CheckpointError(
+            f"--resume: {path} was trained with training.optimizer {optimizer}, this recipe uses {t.optimizer}; "
+            f"resume with {optimizer} (an optimizer's state does not carry over to another)"
         )
     if state.get("data_order") != DATA_ORDER:
         trainer._print(
@@ -180,6 +214,13 @@ def restore(trainer: Any, path: Path) -> None:
     if "lr_scheduler" not in state or "torch" not in rng:
         raise ckpt.CheckpointError(f"--resume: {path} is damaged (no learning-rate schedule or RNG state)")
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if trainer.ema is not None:
+        saved = read_state(path)
+        if saved is None:  # a checkpoint of a run without an EMA: it starts here, from the resumed weights
+            trainer.ema.reset()
+            trainer._print(f"resume: {path} holds no EMA (training.ema_decay was 0); the EMA starts from its weights")
+        else:
+            trainer.ema.load(saved, str(path / EMA_STATE_FILE))
     before = state.get("recipe", {}).get("training", {}).get("max_steps", t.max_steps)
     if before != t.max_steps:  # extended (or shortened) run: the schedule now runs to the new last step
         sched = trainer.lr_scheduler  # LambdaLR: lr = base lr x lambda(step), the lambda made for the new total

@@ -34,7 +34,11 @@ by block on the device, nf4 through bitsandbytes while loading), for each `--qua
 count, with checkpointing, at the first resolution: peak memory, step time, the estimator's figure, and the LoRA
 numerics check: `--fit-steps` training steps from the same LoRA init on the same inputs, the loss and the LoRA
 compared with the unquantized, unswapped run (a swapped run must match its unswapped one exactly). nf4 and fp8 need
-a GPU (fp8: compute capability >= 8.9); where one cannot run, its row says why.
+a GPU (fp8: compute capability >= 8.9); where one cannot run, its row says why. The `fp8_compute` row is
+`model.fp8_compute`: bf16 weights, the block linears as torchao Float8Linear (fp8 matmuls, `quant.fp8_compute_blocks`,
+as training converts them) under the LoRA; its step time is also given as a ratio to the `none` row with the same
+swap count (the figure the README quotes; compute capability >= 8.9). On the CPU it is skipped, unless
+FLUX2_LORA_FP8_EMULATE=1 runs torchao's emulation (numerics only: emulated matmuls are slower, not faster).
 
 Memory estimator: for every configuration run, `flux2_lora.memory.estimate` (the planner behind
 `flux2-lora system optimize`) is printed beside the measured peak (`torch.cuda.max_memory_allocated`; on
@@ -214,7 +218,7 @@ def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> l
     from flux2_lora.flow import flow_loss, latent_ids, text_ids
     from flux2_lora.memory import ModelShape, Setup, TensorMemory, estimate
     from flux2_lora.model import ModelSource, add_lora, enable_checkpointing, load_transformer
-    from flux2_lora.quant import QuantizationError
+    from flux2_lora.quant import QuantizationError, fp8_compute_blocks
     from flux2_lora.swap import attach_block_swap
 
     double, single = (int(x) for x in args.fit_depth.split(","))
@@ -248,19 +252,23 @@ def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> l
     print(f"\nfitting FLUX.2-dev: {double}+{single} blocks at full {'toy ' if args.toy else ''}width, {res}px, "
           "checkpointing on; LoRA vs the unquantized unswapped run after "
           f"{args.fit_steps} steps", flush=True)  # fmt: skip
-    print(f"{'base':>5s} {'swap':>4s} {'step ms':>9s} {'peak MiB':>9s} {'est MiB':>8s} {'max dloss':>10s} "
+    print(f"{'base':>11s} {'swap':>4s} {'step ms':>9s} {'peak MiB':>9s} {'est MiB':>8s} {'max dloss':>10s} "
           f"{'LoRA rel diff':>13s}")  # fmt: skip
     rows: list[dict[str, Any]] = []
+    plain_step: dict[int, float] = {}  # the `none` base's step time per swap count (fp8_compute's ratio)
     ref: dict[str, Any] = {}
     unswapped: dict[str, dict[str, torch.Tensor]] = {}
     for kind in args.quantize:
         for swap in args.swap:
-            label = f"{kind:>5s} {swap:4d}"
+            label = f"{kind:>11s} {swap:4d}"
+            fp8c = kind == "fp8_compute"  # model.fp8_compute: bf16 weights, fp8 matmuls
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                model = load_transformer(src, dtype, device, quantize=kind, keep_on_host=swap)
+                model = load_transformer(src, dtype, device, quantize="none" if fp8c else kind, keep_on_host=swap)
+                if fp8c:  # as training converts them: the block linears, before the LoRA
+                    fp8_compute_blocks(model, device)
                 torch.manual_seed(1)
                 add_lora(model, args.rank, args.rank, 0.0, args.targets, "gaussian", False)
                 enable_checkpointing(model, 1)
@@ -291,7 +299,7 @@ def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> l
             peak = torch.cuda.max_memory_allocated() if cuda else mem.peak
             setup = Setup(resolution=res, batch_size=b, text_tokens=args.text_tokens, rank=args.rank,
                           targets=args.targets, dtype="bf16" if cuda else "fp32", autocast=cuda,
-                          quantize=kind, blocks_to_swap=swap)  # fmt: skip
+                          quantize="none" if fp8c else kind, blocks_to_swap=swap, fp8_compute=fp8c)  # fmt: skip
             est = estimate(ModelShape("bench", "dev", cfg, 0.0, 0.0, "not used"), setup).total
             if not ref:
                 ref = {"losses": losses, "lora": lora}
@@ -301,6 +309,10 @@ def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> l
             row = {"quantize": kind, "blocks_to_swap": swap, "step_s": statistics.median(times[1:] or times),
                    "peak_bytes": peak, "estimated_bytes": est, "max_loss_diff": dloss, "lora_rel_diff": num / den,
                    "losses": losses}  # fmt: skip
+            if kind == "none":
+                plain_step[swap] = row["step_s"]
+            elif fp8c and swap in plain_step:
+                row["step_ratio_to_none"] = row["step_s"] / plain_step[swap]
             if swap == 0:
                 unswapped[kind] = lora
             elif kind in unswapped:  # swapping must not change the numbers at all
@@ -308,7 +320,8 @@ def fit_section(args: argparse.Namespace, device: torch.device, cuda: bool) -> l
             rows.append(row)
             print(f"{label} {1000 * row['step_s']:9.1f} {peak / 2**20:9.0f} {est / 2**20:8.0f} {dloss:10.2e} "
                   f"{row['lora_rel_diff']:13.2e}"
-                  + {True: "  = unswapped", False: "  DIFFERS from unswapped", None: ""}[row.get("equal_to_unswapped")],
+                  + {True: "  = unswapped", False: "  DIFFERS from unswapped", None: ""}[row.get("equal_to_unswapped")]
+                  + (f"  {row['step_ratio_to_none']:.2f}x the none step" if "step_ratio_to_none" in row else ""),
                   flush=True)  # fmt: skip
             del model, opt, params, lora
     import shutil
@@ -354,7 +367,8 @@ def main() -> None:
         help="quantized base and block swap section (auto: on with a GPU, off with --toy)",
     )
     ap.add_argument("--fit-depth", default="2,4", help="double,single blocks of the fitting section's model")
-    ap.add_argument("--quantize", nargs="+", default=["none", "int8", "fp8", "nf4"])
+    ap.add_argument("--quantize", nargs="+", default=["none", "int8", "fp8", "nf4", "fp8_compute"],
+                    help="bases of the fitting section (none first); fp8_compute: bf16 weights, fp8 matmuls")  # fmt: skip
     ap.add_argument("--swap", type=int, nargs="+", default=[0, 3], help="blocks_to_swap values (0 first)")
     ap.add_argument("--fit-steps", type=int, default=3, help="training steps of the LoRA numerics check")
     args = ap.parse_args()

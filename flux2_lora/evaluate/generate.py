@@ -27,6 +27,7 @@ from ..config import ModelArgs, Recipe
 from ..data.cache import CacheIndex
 from ..model import DTYPES, ModelError, ModelSource, resolve_model
 from ..references import open_reference
+from ..resources import LORA_EMA_FILE
 from . import EvalError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class LoraRef:
         return self.meta("family")
 
     @property
+    def is_ema(self) -> bool:
+        """The EMA of a run's LoRA (lora_ema.safetensors, training.ema_decay), not the LoRA itself."""
+        return self.meta("weights") == "ema"
+
+    @property
     def base_model(self) -> str | None:
         return self.meta("base_model")
 
@@ -85,8 +91,8 @@ def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
     require_safetensors(path, what)  # by extension and first bytes, never unpickled
     # Through the interop reader: a damaged file, NaN/inf tensors or a non-finite alpha are refused in one line.
     metadata, _, shapes = scan_lora_file(path, what, keep=False)
-    if not any("lora" in k for k in shapes):
-        raise CheckpointError(f"{what}: {path} holds no LoRA tensors (no lora_A/lora_B keys)")
+    if not any("lora" in k or ".lokr_" in k or ".hada_" in k for k in shapes):
+        raise CheckpointError(f"{what}: {path} holds no LoRA tensors (no lora_A/lora_B, LoKr or LoHa keys)")
     run: Path | None = None
     step: int | None = None
     if path.parent.parent.name == "checkpoints":
@@ -104,19 +110,24 @@ def resolve_lora(spec: str | Path, what: str = "CKPT") -> LoraRef:
             step = None
     if path.parent.parent.name == "checkpoints":
         label = path.parent.name
-    elif path.name == LORA_FILE:
+    elif path.name in (LORA_FILE, LORA_EMA_FILE):
         label = path.parent.name
     else:
         label = path.stem
-    return LoraRef(path, label, metadata, shapes, step, run, what)
+    ref = LoraRef(path, label, metadata, shapes, step, run, what)
+    if ref.is_ema:
+        ref.label += " (EMA)"
+    return ref
 
 
 def run_checkpoints(run: str | Path) -> list[LoraRef]:
-    """Every `checkpoints/step-N/lora.safetensors` of a training run, oldest first."""
+    """Every `checkpoints/step-N/lora.safetensors` of a training run, oldest first, each followed by the checkpoint's
+    `lora_ema.safetensors` where the run kept an EMA (training.ema_decay): ranked like any other LoRA."""
     root = Path(run).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"--run: {run} is not a folder")
-    found = [c / LORA_FILE for c in list_checkpoints(root / "checkpoints") if (c / LORA_FILE).is_file()]
+    found = [c / name for c in list_checkpoints(root / "checkpoints") for name in (LORA_FILE, LORA_EMA_FILE)]
+    found = [p for p in found if p.is_file()]
     if not found:
         raise CheckpointError(f"--run: {run} has no checkpoints/step-N/{LORA_FILE}")
     return [resolve_lora(p, "--run") for p in found]
@@ -190,7 +201,8 @@ def run_recipe(run: Path | None) -> Recipe | None:
 
 
 def logged_val_loss(ref: LoraRef) -> float | None:
-    """The validation loss the training run logged at this checkpoint's step (metrics.jsonl), or None."""
+    """The validation loss the training run logged at this checkpoint's step (metrics.jsonl), or None. A run with
+    validation.use_ema logged its EMA's loss (`"val_ema": true`): that belongs to the EMA file, not the LoRA."""
     if ref.run is None or ref.step is None or not (ref.run / "metrics.jsonl").exists():
         return None
     value = None
@@ -199,7 +211,7 @@ def logged_val_loss(ref: LoraRef) -> float | None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("step") == ref.step and "val_loss" in rec:
+        if rec.get("step") == ref.step and "val_loss" in rec and bool(rec.get("val_ema")) == ref.is_ema:
             value = float(rec["val_loss"])
     return value
 
@@ -367,7 +379,13 @@ class Evaluator:
         if ref is None:
             return
         try:
-            self.pipe.load_lora_weights(str(ref.path), adapter_name=ADAPTER)
+            if any(".hada_" in k for k in ref.shapes):  # LoHa: through PEFT (diffusers' loader reads LoRA and LoKr)
+                from ..interop import load_lora
+                from ..interop.lycoris import load_into
+
+                load_into(self.pipe.transformer, load_lora(ref.path, ref.what).lycoris, ADAPTER, str(ref.path))
+            else:
+                self.pipe.load_lora_weights(str(ref.path), adapter_name=ADAPTER)
         except Exception as e:  # noqa: BLE001 - diffusers/PEFT raise many types; the user gets one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(

@@ -3,6 +3,7 @@
   (flux2_lora/safety.py: only safetensors; pickle-based files are refused unopened)
   layouts.py   the in-memory form, each layout's names, reading any layout
   write.py     writing ours in theirs (diffusers, comfyui, kohya): the tensors, the header, the file
+  lycoris.py   LoKr and LoHa files (lora.type: lokr | loha): reading their factors, loading them through PEFT
   fit.py       which model a LoRA fits, train --init-lora, lora inspect
   merge.py     export --merge
 
@@ -18,6 +19,8 @@ Layouts (`FORMATS`):
               blocks' q, k and v live in one fused `qkv` linear (what ComfyUI and BFL's code load)
   ai-toolkit  `diffusion_model.` keys as ai-toolkit writes them (BFL names, or diffusers names under that prefix)
   kohya       `lora_unet_<BFL name with _>.lora_down/lora_up.weight` + `.alpha` (sd-scripts, musubi-tuner)
+  lycoris     `lycoris_<diffusers name with _>.lokr_w1`, ... (SimpleTuner's LoKr/LoHa); LoKr and LoHa factors are read
+              under the other prefixes too, into `LoraFile.lycoris` (see lycoris.py)
 
 Fused qkv: separate q, k, v factors (A_q, B_q), ... become one fused pair with A = [A_q; A_k; A_v] stacked
 (rank 3r) and B block-diagonal (B_q, B_k, B_v on the diagonal, zeros elsewhere), so B @ A = [B_q A_q; B_k A_k;
@@ -68,6 +71,7 @@ from .layouts import (
     split_fused,
     to_bfl,
 )
+from .lycoris import LycorisModule, load_into
 from .merge import MERGE_INFO, check_output_folder, merge_lora
 from .write import (
     EXPORT_DTYPES,
@@ -92,6 +96,7 @@ __all__ = [
     "LoraFile",
     "LoraFileError",
     "LoraModule",
+    "LycorisModule",
     "adapter_config",
     "apply_init_lora",
     "bfl_from_kohya",
@@ -114,6 +119,7 @@ __all__ = [
     "known_models",
     "kohya_stem",
     "linear_shapes",
+    "load_into",
     "load_lora",
     "merge_lora",
     "misfits",

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import METADATA_PREFIX
 from ..safety import LoraFileError
-from .layouts import ADAPTER_METADATA_KEY, LoraFile, LoraModule, describe_targets, load_lora, most_common
+from .layouts import ADAPTER_METADATA_KEY, TYPE_NAMES, LoraFile, LoraModule, describe_targets, load_lora, most_common
 
 # ---------------------------------------------------------------------------------------------
 # Which model a LoRA fits
@@ -60,12 +60,12 @@ def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
 def misfits(lora: LoraFile, shapes: dict[str, tuple[int, int]]) -> list[str]:
     """Why the LoRA does not fit a model with these linear shapes (empty: it fits)."""
     problems = []
-    for name, m in sorted(lora.modules.items()):
+    for name, shape in sorted(lora.shapes().items()):
         if name not in shapes:
             problems.append(f"the model has no {name}")
-        elif shapes[name] != m.shape:
+        elif shapes[name] != shape:
             problems.append(
-                f"{name} is {shapes[name][0]}x{shapes[name][1]} in the model, {m.shape[0]}x{m.shape[1]} in the LoRA"
+                f"{name} is {shapes[name][0]}x{shapes[name][1]} in the model, {shape[0]}x{shape[1]} in the LoRA"
             )
     return problems
 
@@ -129,8 +129,8 @@ def check_init_lora(spec: str, src: Any, rank: int, alpha: float | None, targets
 
     field = "lora.init_from"
     lora = load_lora(spec, field)
-    if lora.dora:
-        raise LoraFileError(f"{field}: {lora.name} is a DoRA adapter; only a plain LoRA can seed training")
+    if lora.kind != "lora":
+        raise LoraFileError(f"{field}: {lora.name} is a {lora.type_name} adapter; only a plain LoRA can seed training")
     check_family(lora, src.family, field)
     config = model_config(src.path)
     check_fits(lora, config, src.name, field)
@@ -197,10 +197,11 @@ def inspect_lora(spec: str, model: str | None = None) -> dict[str, Any]:
         "format": lora.format,
         "fused_qkv": lora.fused_qkv,
         "dora": lora.dora,
-        "modules": len(lora.modules),
+        "type": lora.kind,
+        "modules": len(lora.shapes()),
         "rank": sorted(ranks) if len(ranks) > 1 else most_common(ranks),
         "alpha": sorted(alphas) if len(alphas) > 1 else most_common(alphas),
-        "targets": describe_targets(set(lora.modules)),
+        "targets": describe_targets(set(lora.shapes())),
         "parameters": lora.num_params,
         "dtype": str(lora.dtype).removeprefix("torch."),
         "fits": fits,
@@ -210,9 +211,11 @@ def inspect_lora(spec: str, model: str | None = None) -> dict[str, Any]:
 
 
 def format_inspect(info: dict[str, Any]) -> str:
-    fmt = info["format"] + (" (fused qkv)" if info["fused_qkv"] else "") + (", DoRA" if info["dora"] else "")
+    fmt = info["format"] + (" (fused qkv)" if info["fused_qkv"] else "")
+    kind = info.get("type", "dora" if info["dora"] else "lora")
     lines = [
         f"file        {info['file']}",
+        f"type        {TYPE_NAMES[kind]}",
         f"format      {fmt}",
         f"rank        {info['rank']}",
         f"alpha       {info['alpha']}",

@@ -19,8 +19,10 @@ import torch
 
 from ..checkpoint import METADATA_PREFIX
 from ..safety import LoraFileError, resolve_lora_path
+from .lycoris import KINDS, LycorisModule, lycoris_kind, parse_lycoris
 
-FORMATS = ("diffusers", "peft", "comfyui", "ai-toolkit", "kohya")
+FORMATS = ("diffusers", "peft", "comfyui", "ai-toolkit", "kohya", "lycoris")
+TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", **KINDS}  # LoraFile.kind -> its name
 EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
 
@@ -65,6 +67,8 @@ class LoraFile:
     dtype: torch.dtype = torch.float32
     dora: bool = False
     fused_qkv: bool = False  # the file held fused qkv factors (comfyui, kohya)
+    kind: str = "lora"  # the adapter: lora, dora, lokr or loha (lycoris.py)
+    lycoris: dict[str, LycorisModule] = field(default_factory=dict)  # a LoKr's or LoHa's modules (then `modules` is {})
 
     @property
     def name(self) -> str:
@@ -74,11 +78,19 @@ class LoraFile:
         """Our `flux2_lora.*` header fields, without the prefix."""
         return {k[len(METADATA_PREFIX) :]: v for k, v in self.metadata.items() if k.startswith(METADATA_PREFIX)}
 
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES[self.kind]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each adapted module, by diffusers module name (any adapter type)."""
+        return {n: m.shape for n, m in (self.lycoris or self.modules).items()}
+
     def ranks(self) -> Counter[int]:
-        return Counter(m.rank for m in self.modules.values())
+        return Counter(m.rank for m in (self.lycoris or self.modules).values())
 
     def alphas(self) -> Counter[float]:
-        return Counter(m.alpha for m in self.modules.values())
+        return Counter(m.alpha for m in (self.lycoris or self.modules).values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +196,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str | None:
     """Which layout a LoRA file's keys are in (see FORMATS); None when none fits."""
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"
+    if any(k.startswith("lycoris_") for k in keys):
+        return "lycoris"
     if any(k.startswith("diffusion_model.") for k in keys):
         bfl = any(k.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")) for k in keys)
         said = "ai-toolkit" in json.dumps(metadata).lower()
@@ -193,6 +207,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str | None:
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".lora_" in k for k in keys):
+        return "peft"
+    if lycoris_kind(keys) and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in keys):
         return "peft"
     return None
 
@@ -346,7 +362,22 @@ def parse_lora(
         first = keys[0] if keys else "(no tensors)"
         raise LoraFileError(
             f"{field}: {name} is not a FLUX.2 LoRA in a known layout (diffusers transformer.*, peft base_model.model.*, "
-            f"comfyui/ai-toolkit diffusion_model.*, kohya lora_unet_*); first key: {first}"
+            f"comfyui/ai-toolkit diffusion_model.*, kohya lora_unet_*, lycoris_*); first key: {first}"
+        )
+    kind = lycoris_kind(keys)
+    if kind is not None:  # LoKr / LoHa factors (lycoris.py)
+        check_finite(tensors, name, field)
+        check_alpha_metadata(metadata, name, field)
+        stored = [t for k, t in tensors.items() if not k.endswith(".alpha")]
+        return LoraFile(
+            format=fmt,
+            modules={},
+            metadata=metadata,
+            path=path,
+            num_params=sum(t.numel() for t in stored),
+            dtype=Counter(t.dtype for t in stored).most_common(1)[0][0] if stored else torch.float32,
+            kind=kind,
+            lycoris=parse_lycoris(tensors, metadata, path, field),
         )
     dora = any("lora_magnitude_vector" in k or "dora_scale" in k for k in keys)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -417,6 +448,7 @@ def parse_lora(
         dtype=dtypes.most_common(1)[0][0] if dtypes else torch.float32,
         dora=dora,
         fused_qkv=fused,
+        kind="dora" if dora else "lora",
     )
 
 

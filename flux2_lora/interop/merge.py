@@ -1,4 +1,4 @@
-"""`export --merge`: fuse a LoRA into its base model with diffusers' fuse_lora and save the whole model."""
+"""`export --merge`: fuse a LoRA (LoKr, LoHa) into its base model with diffusers' fuse_lora and save the whole model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..checkpoint import os_reason
 from ..safety import LoraFileError, require_safetensors_folder
 from .fit import check_family, check_fits, model_config
 from .layouts import load_lora
+from .lycoris import load_into
 from .write import _missing_folders, adapter_config, convert_tensors, require_plain
 
 MERGE_INFO = "merged_lora.json"
@@ -98,7 +99,8 @@ def merge_lora(
     output = Path(output).expanduser()
     check_output_folder(output, overwrite)
     lora = load_lora(lora_spec)
-    require_plain(lora)
+    if not lora.lycoris:  # a LoKr/LoHa is merged through PEFT below; a DoRA is refused
+        require_plain(lora)
     if lora.path is not None and _inside(lora.path, output):
         raise LoraFileError(f"--output: {output} holds the LoRA {lora.path}; choose another folder")
     src = resolve_model(ModelArgs(name_or_path=model))
@@ -114,19 +116,22 @@ def merge_lora(
     transformer = Flux2Transformer2DModel.from_pretrained(
         src.path / "transformer", torch_dtype=torch_dtype, use_safetensors=True
     )
-    # A LoraConfig built from the modules (ranks, alphas), so diffusers applies exactly the file's scales.
-    transformer.load_lora_adapter(
-        convert_tensors(lora, "diffusers"),
-        prefix="transformer",
-        adapter_name="merge",
-        metadata={f"transformer.{k}": v for k, v in adapter_config(lora).items()},
-    )
+    if lora.lycoris:  # PEFT's LoKrConfig/LoHaConfig with the file's factors (diffusers' loader reads no LoHa)
+        load_into(transformer, lora.lycoris, "merge", lora.name)
+    else:  # a LoraConfig built from the modules (ranks, alphas), so diffusers applies exactly the file's scales
+        transformer.load_lora_adapter(
+            convert_tensors(lora, "diffusers"),
+            prefix="transformer",
+            adapter_name="merge",
+            metadata={f"transformer.{k}": v for k, v in adapter_config(lora).items()},
+        )
     transformer.fuse_lora(lora_scale=scale, adapter_names=["merge"])
     transformer.unload_lora()
     info = {
         "base_model": model,
         "lora": str(lora.path),
         "lora_format": lora.format,
+        "lora_type": lora.kind,
         "scale": scale,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "lora_metadata": lora.ours(),

@@ -169,7 +169,15 @@ def export_metadata(lora: LoraFile, fmt: str) -> dict[str, str]:
 
 
 def require_plain(lora: LoraFile) -> None:
-    """Conversions and merges carry A, B and alpha; a DoRA adapter's magnitude vectors would be lost."""
+    """Conversions carry A, B and alpha: a DoRA adapter's magnitude vectors would be lost, and a LoKr's or LoHa's
+    factors of separate q, k, v have no exact fused-qkv form (comfyui, kohya); their own file is already in the
+    layout diffusers (LoKr) and ComfyUI read."""
+    if lora.kind in ("lokr", "loha"):
+        raise LoraFileError(
+            f"{lora.name} is a {lora.type_name} adapter: export converts LoRA factors only (a Kronecker or Hadamard "
+            "product of separate q, k, v has no exact fused-qkv form); use the file as it is: ComfyUI reads it"
+            + (" and so does diffusers' load_lora_weights" if lora.kind == "lokr" else "")
+        )
     if lora.dora:
         raise LoraFileError(
             f"{lora.name} is a DoRA adapter (magnitude vectors): only plain LoRAs are converted or merged; "

@@ -21,6 +21,7 @@ from flux2_lora.train import Trainer
 from tests.conftest import first_images
 
 LOSS_TOL = 0.01  # max |loss_int8 - loss_fp32| per logged step; observed below 1e-3 on this model
+FP8_LOSS_RTOL = 0.01  # max |loss_fp8 - loss_fp32| / loss_fp32 per logged step (emulated fp8 matmuls)
 STEPS = 6
 
 
@@ -94,3 +95,37 @@ def test_block_swap_run_gives_the_same_lora_as_the_plain_run(
     assert losses == plain_losses
     a, c = load_file(str(plain_file)), load_file(str(tmp_path / "swap" / "lora.safetensors"))
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow  # ~30-60 s on 2 cores (emulated fp8 matmuls); tests/unit/test_fp8_compute.py covers the step
+def test_fp8_compute_run_trains_like_the_plain_run_and_its_lora_loads_unconverted(
+    tmp_path: Path, tiny_dev: Path, mini: Path, plain: tuple[Path, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.fp8_compute through the trainer, with torchao's emulated fp8 matmuls (the CPU has none): every block
+    linear is a Float8Linear under PEFT's LoRA layer, the loss follows the plain run within fp8's error (per step,
+    FP8_LOSS_RTOL; observed below 1e-3 relative) and the LoRA file is the plain run's layout and loads on the plain
+    Flux2Pipeline."""
+    pytest.importorskip("torchao")
+    from diffusers import Flux2Pipeline
+    from peft.utils import get_peft_model_state_dict
+    from torchao.float8.float8_linear import Float8Linear
+
+    from flux2_lora.quant import FP8_EMULATE_ENV
+
+    monkeypatch.setenv(FP8_EMULATE_ENV, "1")
+    plain_file, plain_losses = plain
+    fp8, losses = _run(tmp_path / "fp8", mini, "--model.fp8_compute", "true")
+    to_q = fp8.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q.base_layer, Float8Linear) and type(to_q.lora_A["default"]) is torch.nn.Linear
+    assert type(fp8.transformer.proj_out) is torch.nn.Linear  # outside the blocks: as it was
+    assert len(losses) == len(plain_losses) == STEPS
+    worst = max(abs(a - b) / b for a, b in zip(losses, plain_losses, strict=True))
+    assert worst <= FP8_LOSS_RTOL, (losses, plain_losses)
+    fp8_file = tmp_path / "fp8" / "lora.safetensors"
+    a, b = load_file(str(plain_file)), load_file(str(fp8_file))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained through fp8 matmuls, not the plain ones
+    pipe = Flux2Pipeline.from_pretrained(tiny_dev)
+    pipe.load_lora_weights(str(fp8_file), adapter_name="fp8")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="fp8")
+    assert len(loaded) == len(b) and all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in b.items())

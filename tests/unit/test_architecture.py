@@ -17,8 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "flux2_lora"
 LAYERS = {
     "foundation": ["errors", "resources", "references", "config", "recipe", "sources"],
     "core": ["model", "flow", "quant", "memory", "swap", "sampling", "plots", "checkpoint", "distributed",
-             "callbacks", "safety", "data", "draws"],
-    "runs": ["train", "optim", "run_files", "train_checkpoint", "evaluate", "interop", "launch", "tune", "system"],
+             "callbacks", "safety", "data", "draws", "ema"],
+    "runs": ["train", "optim", "run_files", "train_checkpoint", "train_validation", "evaluate", "interop", "launch",
+             "tune", "system"],
     "app": ["ui"],
     "commands": ["commands", "cli", "__main__"],
 }  # fmt: skip

@@ -188,3 +188,29 @@ def test_system_optimize_counts_the_datasets_references(tiny_dev: Path, tmp_path
     assert f"{64 + 80 + 4096} reference tokens (3 reference(s)" in res.stdout
     res = run_cli(*args, "--gpu-memory", "24", "--data.max_references", "1", "--data.max_reference_pixels", "65536")
     assert "256 reference tokens (1 reference(s)" in res.stdout  # the largest one, at 256x256
+
+
+def test_fp8_compute_is_counted_as_torchao_runs_it(bench_gpu: ModuleType) -> None:
+    """model.fp8_compute: the weights stay at the model dtype; the simulated step runs the block linears as torchao
+    Float8Linear (eager), which keeps each one's high-precision input for backward, so activations grow; a plan
+    that does not fit drops it before it quantizes the base (the two do not combine)."""
+    pytest.importorskip("torchao")
+    import dataclasses
+
+    from flux2_lora.config import Recipe
+    from flux2_lora.system import recommendations
+
+    shape = ModelShape("toy", "dev", bench_gpu.dev_config(True, 1, 2), 0.0, 0.0, "")
+    base = Setup(resolution=256, text_tokens=16, gradient_checkpointing=False)
+    plain, fp8 = estimate(shape, base), estimate(shape, dataclasses.replace(base, fp8_compute=True))
+    assert plain.params == fp8.params
+    assert plain.parts["frozen transformer weights (bf16)"] == fp8.parts["frozen transformer weights (bf16)"]
+    act = [next(v for k, v in e.parts.items() if k.startswith("activations")) for e in (plain, fp8)]
+    assert "activations (no checkpointing, 256px, batch 1, fp8 matmuls)" in fp8.parts
+    assert act[1] > act[0]
+    recipe = Recipe()
+    recipe.model.fp8_compute = True
+    assert Setup.from_recipe(recipe).fp8_compute
+    steps = [text for text, _ in recommendations(shape, dataclasses.replace(base, fp8_compute=True), 1e-6)]
+    fp8_step = next(i for i, t in enumerate(steps) if t.startswith("model.fp8_compute: false"))
+    assert fp8_step < next(i for i, t in enumerate(steps) if t.startswith("model.quantize: int8"))

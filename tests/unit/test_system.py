@@ -57,7 +57,7 @@ def test_info_json_lists_versions_libraries_and_hardware(capsys: pytest.CaptureF
     assert info["torch"]["version"] == torch.__version__ and info["torch"]["cuda"] == torch.version.cuda
     for lib in ("diffusers", "transformers", "accelerate", "peft"):
         assert info["libraries"][lib]
-    names = {"bitsandbytes", "torchao", "deepspeed", "webdataset", "ray", "optuna", "open_clip", "gradio", "wandb"}
+    names = set("bitsandbytes prodigyopt torchao deepspeed webdataset ray optuna open_clip gradio wandb".split())
     assert set(info["optional"]) == names
     assert all(o["enables"] for o in info["optional"].values())
     assert info["cuda_available"] is torch.cuda.is_available()
