@@ -157,6 +157,8 @@ def main() -> None:
                     f"{rec['val_loss_base']:.4f}), schedule {rec['schedule_loss']:.4f}, {rec['seconds']} s",
                     flush=True,
                 )
+                if args.json:  # after every run, so that a stopped benchmark keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=1))
     print(f"\ntotal {time.perf_counter() - start:.0f} s; medians over seeds {args.seeds}, {args.steps} steps\n")
     cols = " | ".join(f"σ={s}" for s in SIGMAS)
     print(f"| model | shift | val_loss | vs none | lower than none | {cols} | schedule loss |")
@@ -171,8 +173,6 @@ def main() -> None:
             sig = " | ".join(f"{statistics.median(r['per_sigma'][i] for r in rs):.4f}" for i in range(len(SIGMAS)))
             sched = statistics.median(r["schedule_loss"] for r in rs)
             print(f"| {model} | {shift} | {med:.4f} | {diff:+.4f} | {wins}/{len(rs)} | {sig} | {sched:.4f} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
